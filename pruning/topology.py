@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
+from pruning.errors import UserError
+
 Side = Literal["encoder", "decoder"]
 SIDES: tuple[Side, Side] = ("encoder", "decoder")
 SHORT_SIDE = {"encoder": "enc", "decoder": "dec"}
@@ -23,7 +25,7 @@ SHORT_SIDE = {"encoder": "enc", "decoder": "dec"}
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
-class TopologyError(ValueError):
+class TopologyError(UserError):
     """A topology does not match what a file or a request expects."""
 
 

@@ -37,6 +37,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from pruning.errors import UserError
 from pruning.topology import Topology, TopologyError
 
 FORMAT = "nllb-prune-routing-stats"
@@ -46,7 +47,7 @@ BASE_COUNTERS = ("tokens", "top1", "top2", "gate", "conf1", "conf2", "rank")
 MAX_COUNTERS = frozenset({"max_abs"})
 
 
-class StatsError(ValueError):
+class StatsError(UserError):
     """A statistics file or request is malformed; the message names the file, key or language."""
 
 
