@@ -1,0 +1,121 @@
+"""Checkpoint key names: the fairseq -> canonical mapping table, and the canonical names we accept.
+
+Canonical names are those of ``transformers``' ``NllbMoeModel`` (no ``model.`` prefix), e.g.
+``encoder.layers.3.ffn.experts.expert_17.fc1.weight``. Each table row is an anchored regular
+expression and its replacement; ``None`` drops the key. Anything that matches no row is an error
+that lists the leftover keys.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+SHARED = "shared.weight"
+_SIDE = r"(encoder|decoder)"
+_N = r"(\d+)"
+_WB = r"(weight|bias)"
+
+# fairseq (NLLB branch) -> canonical. ``{expert}`` in a replacement is filled by the reader with the
+# global expert index (rank file number * experts per file + local index).
+FAIRSEQ_TABLE: list[tuple[str, Optional[str]]] = [
+    (rf"{_SIDE}\.version", None),
+    (rf"{_SIDE}\.embed_positions\._float_tensor", None),  # sinusoidal positions are computed, not stored
+    (r"decoder\.output_projection\.weight", None),  # tied to the token embedding
+    (r"encoder\.embed_tokens\.weight", SHARED),  # share_all_embeddings: one matrix, stored twice
+    (r"decoder\.embed_tokens\.weight", SHARED),
+    (rf"{_SIDE}\.layer_norm\.{_WB}", r"\1.layer_norm.\2"),
+    (rf"{_SIDE}\.layers\.{_N}\.self_attn\.(k|v|q|out)_proj\.{_WB}", r"\1.layers.\2.self_attn.\3_proj.\4"),
+    (rf"{_SIDE}\.layers\.{_N}\.self_attn_layer_norm\.{_WB}", r"\1.layers.\2.self_attn_layer_norm.\3"),
+    (rf"decoder\.layers\.{_N}\.encoder_attn\.(k|v|q|out)_proj\.{_WB}", r"decoder.layers.\1.cross_attention.\2_proj.\3"),
+    (rf"decoder\.layers\.{_N}\.encoder_attn_layer_norm\.{_WB}", r"decoder.layers.\1.cross_attention_layer_norm.\2"),
+    (rf"{_SIDE}\.layers\.{_N}\.fc(1|2)\.{_WB}", r"\1.layers.\2.ffn.fc\3.\4"),
+    (rf"{_SIDE}\.layers\.{_N}\.final_layer_norm\.{_WB}", r"\1.layers.\2.ff_layer_norm.\3"),
+    (rf"{_SIDE}\.layers\.{_N}\.moe_layer\.gate\.wg\.weight", r"\1.layers.\2.ffn.router.classifier.weight"),
+    (rf"{_SIDE}\.layers\.{_N}\.moe_layer\.experts\.(\d+)\.fc(1|2)\.{_WB}", r"\1.layers.\2.ffn.experts.expert_{expert}.fc\4.\5"),
+]
+
+# HF (transformers NllbMoe*) -> canonical: strip an optional ``model.`` prefix; tied copies of the
+# embedding are dropped in favour of ``shared.weight`` (or stand in for it when it is absent).
+HF_TABLE: list[tuple[str, Optional[str]]] = [
+    (r"lm_head\.weight", SHARED),
+    (r"(?:model\.)?(encoder|decoder)\.embed_tokens\.weight", SHARED),
+    (r"(?:model\.)?shared\.weight", SHARED),
+    (rf"(?:model\.)?{_SIDE}\.embed_positions\.weights", None),  # computed buffer, sometimes saved
+    (r"(?:model\.)?(.+)", r"\1"),
+]
+
+# Every canonical name a model has (used to reject unknown tensors in either layout).
+CANONICAL_PATTERNS: list[str] = [
+    re.escape(SHARED),
+    rf"{_SIDE}\.layer_norm\.{_WB}",
+    rf"{_SIDE}\.layers\.{_N}\.self_attn\.(k|v|q|out)_proj\.{_WB}",
+    rf"{_SIDE}\.layers\.{_N}\.self_attn_layer_norm\.{_WB}",
+    rf"decoder\.layers\.{_N}\.cross_attention\.(k|v|q|out)_proj\.{_WB}",
+    rf"decoder\.layers\.{_N}\.cross_attention_layer_norm\.{_WB}",
+    rf"{_SIDE}\.layers\.{_N}\.ffn\.fc(1|2)\.{_WB}",
+    rf"{_SIDE}\.layers\.{_N}\.ff_layer_norm\.{_WB}",
+    rf"{_SIDE}\.layers\.{_N}\.ffn\.router\.classifier\.weight",
+    rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.fc(1|2)\.{_WB}",
+]
+
+_EXPERT_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.(fc1|fc2)\.{_WB}")
+_ROUTER_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.router\.classifier\.weight")
+
+
+@dataclass(frozen=True)
+class ExpertKey:
+    side: str
+    layer: int
+    expert: int
+    linear: str  # "fc1" | "fc2"
+    kind: str  # "weight" | "bias"
+
+
+def map_key(key: str, table: list[tuple[str, Optional[str]]], *, expert: Optional[int] = None) -> Optional[str] | bool:
+    """Canonical name for ``key``; None = dropped; False = no row matched."""
+    for pattern, replacement in table:
+        match = re.fullmatch(pattern, key)
+        if match is None:
+            continue
+        if replacement is None:
+            return None
+        name = match.expand(replacement)
+        if "{expert}" in name:
+            if expert is None:
+                raise ValueError(f"key {key!r} is an expert tensor but no expert index was given")
+            name = name.replace("{expert}", str(expert))
+        return name
+    return False
+
+
+def is_canonical(name: str) -> bool:
+    return any(re.fullmatch(p, name) for p in CANONICAL_PATTERNS)
+
+
+def parse_expert_key(name: str) -> Optional[ExpertKey]:
+    match = _EXPERT_RE.fullmatch(name)
+    if match is None:
+        return None
+    side, layer, expert, linear, kind = match.groups()
+    return ExpertKey(side, int(layer), int(expert), linear, kind)
+
+
+def parse_router_key(name: str) -> Optional[tuple[str, int]]:
+    match = _ROUTER_RE.fullmatch(name)
+    return None if match is None else (match.group(1), int(match.group(2)))
+
+
+def expert_key(side: str, layer: int, expert: int, linear: str, kind: str) -> str:
+    return f"{side}.layers.{layer}.ffn.experts.expert_{expert}.{linear}.{kind}"
+
+
+def router_key(side: str, layer: int) -> str:
+    return f"{side}.layers.{layer}.ffn.router.classifier.weight"
+
+
+def fairseq_expert_local_index(key: str) -> Optional[int]:
+    """Local expert index inside a fairseq rank file key (``...moe_layer.experts.{i}...``)."""
+    match = re.fullmatch(rf"{_SIDE}\.layers\.{_N}\.moe_layer\.experts\.(\d+)\.fc(1|2)\.{_WB}", key)
+    return None if match is None else int(match.group(3))

@@ -1,0 +1,448 @@
+"""Open an NLLB-MoE checkpoint in either layout and read it tensor by tensor.
+
+Layouts:
+- ``hf``: a directory with ``config.json`` and ``model.safetensors`` / ``pytorch_model.bin`` (single,
+  or sharded with ``*.index.json``), names with or without the ``model.`` prefix; also our exports.
+- ``fairseq``: ``<prefix>-shared.pt`` (dense part and routers) + ``<prefix>-rank-<r>.pt`` (experts),
+  given as the shared file or its directory. Rank files beyond the experts' count are replicas and
+  are not read. Only the ``model`` entry of each file is used; nothing is unpickled for real.
+
+:func:`open_checkpoint` returns a :class:`CheckpointReader` whose :meth:`~CheckpointReader.entries`
+yields :class:`Entry` objects (canonical name + lazy tensor), grouped by file, so a consumer that
+loads and drops each tensor in turn never holds more than one tensor of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Protocol, Union
+
+import torch
+
+from pruning.checkpoint import keymap
+from pruning.checkpoint.torch_zip import CheckpointError, LazyTensor, find_in_opaque, read_pickle
+from pruning.topology import Topology
+
+HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer.json", "tokenizer_config.json")
+MANIFEST = "pruning_manifest.json"
+_RANK_RE = re.compile(r"(?P<prefix>.+)-rank-(?P<rank>\d+)\.pt")
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class TensorSource(Protocol):
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def load(self) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SafetensorsTensor:
+    path: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def load(self) -> torch.Tensor:
+        try:
+            return _safetensors_handle(str(self.path), _file_stamp(self.path)).get_tensor(self.key)
+        except Exception as exc:  # safetensors' own error types
+            raise CheckpointError(f"{self.path}: cannot read tensor {self.key!r} ({exc})") from exc
+
+
+@functools.lru_cache(maxsize=8)
+def _safetensors_handle(path: str, stamp: tuple[int, int]):  # noqa: ANN202 - safetensors handle
+    """Open handles are reused: re-parsing a shard's header for every tensor costs milliseconds each."""
+    from safetensors import safe_open
+
+    return safe_open(path, framework="pt")
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    """Canonical (HF ``NllbMoeModel``) name."""
+    tensor: Union[LazyTensor, SafetensorsTensor]
+    file: Path
+    source_key: str
+
+
+@dataclass
+class CheckpointReader:
+    layout: str
+    path: Path
+    config: Any
+    """A ``transformers.NllbMoeConfig``."""
+    files: list[Path]
+    _entries: list[Entry] = field(repr=False)
+    tokenizer_dir: Optional[Path] = None
+    manifest: Optional[dict[str, Any]] = None
+
+    @property
+    def topology(self) -> Topology:
+        return Topology.from_config(self.config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for entry in self._entries:
+            if entry.name == keymap.SHARED:
+                return entry.tensor.dtype
+        return torch.float32
+
+    def entries(self) -> Iterator[Entry]:
+        """Every canonical tensor once, grouped by file in file order."""
+        yield from self._entries
+
+    def names(self) -> list[str]:
+        return [e.name for e in self._entries]
+
+    def present_experts(self) -> dict[tuple[str, int], list[int]]:
+        """(side, layer) -> sorted expert indices that have weights in this checkpoint."""
+        found: dict[tuple[str, int], set[int]] = defaultdict(set)
+        for entry in self._entries:
+            key = keymap.parse_expert_key(entry.name)
+            if key is not None:
+                found[(key.side, key.layer)].add(key.expert)
+        return {k: sorted(v) for k, v in sorted(found.items())}
+
+    def total_bytes(self) -> int:
+        return sum(e.tensor.nbytes if isinstance(e.tensor, LazyTensor) else _numel(e.tensor.shape) * e.tensor.dtype.itemsize for e in self._entries)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def detect_layout(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if path.is_file():
+        if path.name.endswith("-shared.pt"):
+            return "fairseq"
+        raise CheckpointError(
+            f"{path}: unknown checkpoint layout; give an HF-layout directory (config.json + "
+            f"{' | '.join(HF_WEIGHT_FILES)}) or a fairseq '<prefix>-shared.pt' file or its directory"
+        )
+    if (path / "config.json").is_file() and any((path / f).is_file() for f in HF_WEIGHT_FILES):
+        return "hf"
+    if list(path.glob("*-shared.pt")):
+        return "fairseq"
+    raise CheckpointError(
+        f"{path}: unknown checkpoint layout: found neither config.json with one of {list(HF_WEIGHT_FILES)} "
+        f"(HF layout) nor a '*-shared.pt' file (fairseq layout); directory holds {sorted(p.name for p in path.iterdir())[:20]}"
+    )
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    """Open ``path`` (HF directory, fairseq shared file or its directory) without loading weights."""
+    layout = detect_layout(path)
+    return _open_hf(Path(path)) if layout == "hf" else _open_fairseq(Path(path))
+
+
+# ---- HF layout ------------------------------------------------------------------------------------
+def _open_hf(directory: Path) -> CheckpointReader:
+    from transformers import NllbMoeConfig
+
+    config_path = directory / "config.json"
+    try:
+        config = NllbMoeConfig.from_json_file(str(config_path))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: not a readable NLLB-MoE config ({exc})") from exc
+    files = _hf_weight_files(directory)
+    entries: list[Entry] = []
+    seen: set[str] = set()
+    unknown: list[str] = []
+    for file in files:
+        for key, tensor in _hf_file_tensors(file):
+            name = keymap.map_key(key, keymap.HF_TABLE)
+            if name is None:
+                continue
+            if name is False or not keymap.is_canonical(str(name)):
+                unknown.append(f"{file.name}:{key}")
+                continue
+            if name in seen:  # tied embedding copies
+                continue
+            seen.add(str(name))
+            entries.append(Entry(str(name), tensor, file, key))
+    if unknown:
+        raise CheckpointError(f"{directory}: unknown tensor names (not NLLB-MoE): {sorted(unknown)[:20]}")
+    manifest_path = directory / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    reader = CheckpointReader("hf", directory, config, files, entries, _tokenizer_dir(directory), manifest)
+    _check_complete(reader)
+    return reader
+
+
+def _hf_weight_files(directory: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = directory / index_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index_path}: malformed shard index ({exc})") from exc
+            files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index_path} names shard file(s) that are missing: {missing}")
+            return files
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return [directory / name]
+    raise CheckpointError(f"{directory}: no weight files ({list(HF_WEIGHT_FILES)})")
+
+
+def _hf_file_tensors(file: Path) -> Iterator[tuple[str, Union[LazyTensor, SafetensorsTensor]]]:
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                items = []
+                for key in handle.keys():
+                    piece = handle.get_slice(key)
+                    dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise CheckpointError(f"{file}: tensor {key!r} has unsupported dtype {piece.get_dtype()}")
+                    items.append((key, SafetensorsTensor(file, key, tuple(piece.get_shape()), dtype)))
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt? ({exc})") from exc
+        yield from items
+        return
+    obj = read_pickle(file)
+    state = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a state dict, found {type(state).__name__}")
+    for key, value in state.items():
+        if isinstance(value, LazyTensor):
+            yield str(key), value
+
+
+def _tokenizer_dir(directory: Path) -> Optional[Path]:
+    return directory if any((directory / f).is_file() for f in TOKENIZER_FILES) else None
+
+
+# ---- fairseq layout -------------------------------------------------------------------------------
+def _open_fairseq(path: Path) -> CheckpointReader:
+    shared_path = path if path.is_file() else _single_shared_file(path)
+    prefix = shared_path.name[: -len("-shared.pt")]
+    directory = shared_path.parent
+    shared_obj = read_pickle(shared_path)
+    shared_state = _model_state(shared_obj, shared_path)
+
+    entries: list[Entry] = []
+    seen: set[str] = set()
+    unknown: list[str] = []
+    for key, tensor in shared_state.items():
+        if keymap.fairseq_expert_local_index(key) is not None:
+            unknown.append(f"{shared_path.name}:{key} (expert tensor in the shared file)")
+            continue
+        name = keymap.map_key(key, keymap.FAIRSEQ_TABLE)
+        if name is None:
+            continue
+        if name is False:
+            unknown.append(f"{shared_path.name}:{key}")
+            continue
+        if name not in seen:
+            seen.add(str(name))
+            entries.append(Entry(str(name), tensor, shared_path, key))
+
+    num_experts = _fairseq_num_experts(entries, shared_path)
+    rank_files = _rank_files(directory, prefix)
+    if not rank_files:
+        raise CheckpointError(f"{directory}: no rank files '{prefix}-rank-<r>.pt' beside {shared_path.name}")
+    first_state = _model_state(read_pickle(rank_files[0]), rank_files[0])
+    per_file = len({keymap.fairseq_expert_local_index(k) for k in first_state} - {None})
+    if per_file == 0 or num_experts % per_file:
+        raise CheckpointError(
+            f"{rank_files[0]}: holds {per_file} expert(s) per layer, which does not divide the router's {num_experts} experts"
+        )
+    needed = num_experts // per_file
+    have = {int(_RANK_RE.fullmatch(f.name).group("rank")): f for f in rank_files}  # type: ignore[union-attr]
+    missing = [f"{prefix}-rank-{r}.pt" for r in range(needed) if r not in have]
+    if missing:
+        raise CheckpointError(
+            f"{directory}: missing rank file(s) {missing[:10]}{' ...' if len(missing) > 10 else ''}: the routers have "
+            f"{num_experts} experts, {per_file} per rank file, so ranks 0..{needed - 1} are needed"
+        )
+    used = [have[r] for r in range(needed)]
+    for rank, file in enumerate(used):
+        state = first_state if rank == 0 else _model_state(read_pickle(file), file)
+        for key, tensor in state.items():
+            local = keymap.fairseq_expert_local_index(key)
+            if local is None:
+                if keymap.map_key(key, keymap.FAIRSEQ_TABLE) is None:
+                    continue
+                unknown.append(f"{file.name}:{key} (non-expert tensor in a rank file)")
+                continue
+            name = keymap.map_key(key, keymap.FAIRSEQ_TABLE, expert=rank * per_file + local)
+            entries.append(Entry(str(name), tensor, file, key))
+    if unknown:
+        raise CheckpointError(f"unknown or misplaced tensors in the fairseq checkpoint: {sorted(unknown)[:20]}")
+
+    config = _fairseq_config(entries, shared_obj, shared_path, num_experts)
+    tokenizer_dir = directory if (directory / "sentencepiece.bpe.model").is_file() else _tokenizer_dir(directory)
+    reader = CheckpointReader("fairseq", shared_path, config, [shared_path, *used], entries, tokenizer_dir)
+    _check_complete(reader)
+    return reader
+
+
+def _single_shared_file(directory: Path) -> Path:
+    shared = sorted(directory.glob("*-shared.pt"))
+    if len(shared) != 1:
+        raise CheckpointError(f"{directory}: expected exactly one '*-shared.pt' file, found {[p.name for p in shared]}")
+    return shared[0]
+
+
+def _rank_files(directory: Path, prefix: str) -> list[Path]:
+    found = []
+    for file in directory.glob(f"{glob_escape(prefix)}-rank-*.pt"):
+        match = _RANK_RE.fullmatch(file.name)
+        if match and match.group("prefix") == prefix:
+            found.append((int(match.group("rank")), file))
+    return [f for _, f in sorted(found)]
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _model_state(obj: Any, file: Path) -> dict[str, Any]:
+    if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
+        raise CheckpointError(f"{file}: not a fairseq checkpoint (expected a dict with a 'model' state dict)")
+    return {str(k): v for k, v in obj["model"].items() if isinstance(v, LazyTensor)}
+
+
+def _fairseq_num_experts(entries: list[Entry], shared_path: Path) -> int:
+    rows = {e.tensor.shape[0] for e in entries if keymap.parse_router_key(e.name)}
+    if len(rows) != 1:
+        raise CheckpointError(f"{shared_path}: routers ('moe_layer.gate.wg.weight') must all have one expert count, found {sorted(rows)}")
+    return rows.pop()
+
+
+def _fairseq_config(entries: list[Entry], shared_obj: Any, shared_path: Path, num_experts: int) -> Any:
+    from transformers import NllbMoeConfig
+
+    by_name = {e.name: e.tensor for e in entries}
+    vocab, d_model = by_name[keymap.SHARED].shape
+    layers = {side: _layer_count(by_name, side) for side in ("encoder", "decoder")}
+    moe = {side: sorted(l for s, l in filter(None, map(keymap.parse_router_key, by_name)) if s == side) for side in layers}
+    steps = {side: _sparse_step(moe[side], layers[side], side, shared_path) for side in layers}
+    dense_fc1 = next((t for n, t in by_name.items() if n.endswith("ffn.fc1.weight")), None)
+    expert_fc1 = next(t for n, t in by_name.items() if n.endswith(".fc1.weight") and "experts" in n)
+    ffn_dim = (dense_fc1 if dense_fc1 is not None else expert_fc1).shape[0]
+
+    def setting(key: str, default: Any) -> Any:
+        value = find_in_opaque(shared_obj, key)
+        return default if value is None else value
+
+    heads = setting("encoder_attention_heads", None)
+    if heads is None:
+        sidecar = shared_path.parent / "config.json"
+        if sidecar.is_file():
+            heads = json.loads(sidecar.read_text()).get("encoder_attention_heads")
+    if heads is None and d_model == 2048:
+        heads = 16  # NLLB-200 MoE 54.5B
+    if heads is None:
+        raise CheckpointError(
+            f"{shared_path}: cannot find the number of attention heads in the checkpoint's cfg/args; "
+            "put a config.json with 'encoder_attention_heads' beside it"
+        )
+    return NllbMoeConfig(
+        vocab_size=vocab,
+        d_model=d_model,
+        encoder_layers=layers["encoder"],
+        decoder_layers=layers["decoder"],
+        encoder_ffn_dim=ffn_dim,
+        decoder_ffn_dim=ffn_dim,
+        encoder_attention_heads=int(heads),
+        decoder_attention_heads=int(setting("decoder_attention_heads", heads)),
+        num_experts=num_experts,
+        encoder_sparse_step=steps["encoder"],
+        decoder_sparse_step=steps["decoder"],
+        max_position_embeddings=int(setting("max_source_positions", 1024)),
+        moe_token_dropout=float(setting("moe_eom", 0.2)),
+        moe_eval_capacity_token_fraction=float(setting("moe_eval_capacity_token_fraction", 1.0)),
+        scale_embedding=not bool(setting("no_scale_embedding", False)),
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+    )
+
+
+def _layer_count(by_name: dict[str, Any], side: str) -> int:
+    indices = {int(m.group(1)) for n in by_name if (m := re.match(rf"{side}\.layers\.(\d+)\.", n))}
+    return max(indices) + 1 if indices else 0
+
+
+def _sparse_step(moe_layers: list[int], n_layers: int, side: str, path: Path) -> int:
+    if not moe_layers:
+        return 0
+    step = moe_layers[0] + 1
+    expected = [i for i in range(n_layers) if (i + 1) % step == 0]
+    if moe_layers != expected:
+        raise CheckpointError(f"{path}: {side} MoE layers {moe_layers} are not every {step}-th layer ({expected})")
+    return step
+
+
+# ---- completeness ---------------------------------------------------------------------------------
+def expected_names(topology: Topology, *, experts: Optional[dict[tuple[str, int], list[int]]] = None) -> list[str]:
+    """Every canonical tensor name a model of ``topology`` has (optionally only the given experts)."""
+    names = [keymap.SHARED]
+    for side in ("encoder", "decoder"):
+        n_layers = topology.encoder_layers if side == "encoder" else topology.decoder_layers
+        for layer in range(n_layers):
+            p = f"{side}.layers.{layer}"
+            names += [f"{p}.self_attn.{x}_proj.{k}" for x in ("k", "v", "q", "out") for k in ("weight", "bias")]
+            names += [f"{p}.self_attn_layer_norm.{k}" for k in ("weight", "bias")]
+            if side == "decoder":
+                names += [f"{p}.cross_attention.{x}_proj.{k}" for x in ("k", "v", "q", "out") for k in ("weight", "bias")]
+                names += [f"{p}.cross_attention_layer_norm.{k}" for k in ("weight", "bias")]
+            names += [f"{p}.ff_layer_norm.{k}" for k in ("weight", "bias")]
+            if topology.is_moe_layer(side, layer):  # type: ignore[arg-type]
+                names.append(keymap.router_key(side, layer))
+                kept = range(topology.num_experts) if experts is None else experts[(side, layer)]
+                names += [keymap.expert_key(side, layer, e, lin, k) for e in kept for lin in ("fc1", "fc2") for k in ("weight", "bias")]
+            else:
+                names += [f"{p}.ffn.fc{i}.{k}" for i in (1, 2) for k in ("weight", "bias")]
+        names += [f"{side}.layer_norm.{k}" for k in ("weight", "bias")]
+    return names
+
+
+def _check_complete(reader: CheckpointReader) -> None:
+    topology = reader.topology
+    present = reader.present_experts()
+    experts = None
+    if reader.manifest is not None or any(len(v) != topology.num_experts for v in present.values()):
+        experts = {(side, layer): present.get((side, layer), []) for _, side, layer in topology.iter_moe_layers()}
+    expected = set(expected_names(topology, experts=experts))
+    have = set(reader.names())
+    missing = sorted(expected - have)
+    extra = sorted(have - expected)
+    if missing:
+        raise CheckpointError(f"{reader.path}: {len(missing)} tensor(s) missing for the model in config: {missing[:10]}")
+    if extra:
+        raise CheckpointError(f"{reader.path}: {len(extra)} tensor(s) that the config's topology does not have: {extra[:10]}")

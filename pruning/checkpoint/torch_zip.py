@@ -1,0 +1,256 @@
+"""Read tensors from a ``torch.save`` zip file lazily, without ever running pickled code.
+
+The pickle inside (``<archive>/data.pkl``) is read by a restricted unpickler: it rebuilds tensors and
+plain containers (dict, list, tuple, OrderedDict, ...); any other class (fairseq's ``cfg``, an
+``argparse.Namespace``, optimizer classes, or a payload such as ``os.system``) becomes an inert
+:class:`Opaque` placeholder that records its arguments and state but is never called or imported.
+Tensor storages are not read until :meth:`LazyTensor.load`, so a shared file's huge optimizer
+state costs nothing but its small pickle records.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pruning.errors import UserError
+
+
+class CheckpointError(UserError):
+    """A checkpoint file is missing, truncated, malformed or does not match the expected model."""
+
+
+class Opaque:
+    """Stand-in for any class the restricted unpickler refuses to import. Never executes anything.
+
+    ``find_class`` returns a fresh subclass per refused global (pickle's NEWOBJ needs a type);
+    building one only records its arguments, state and items.
+    """
+
+    qualname = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Opaque":
+        obj = super().__new__(cls)
+        obj.args = args
+        obj.state = None
+        obj.items = []
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def append(self, item: Any) -> None:  # pickle APPENDS on list subclasses
+        self.items.append(item)
+
+    def extend(self, items: Any) -> None:
+        self.items.extend(items)
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # pickle SETITEMS on dict subclasses
+        self.items.append((key, value))
+
+    def __repr__(self) -> str:
+        return f"Opaque({self.qualname})"
+
+
+def _opaque_class(qualname: str) -> type[Opaque]:
+    return type("Opaque", (Opaque,), {"qualname": qualname})
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A storage inside the archive, not yet read."""
+
+    archive_name: str
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor whose bytes stay on disk until :meth:`load`."""
+
+    path: Path
+    storage: StorageRef
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel() * self.dtype.itemsize
+
+    def load(self) -> torch.Tensor:
+        member = f"{self.storage.archive_name}/data/{self.storage.key}"
+        try:
+            stat = self.path.stat()
+            raw = _open_zip(str(self.path), (stat.st_mtime_ns, stat.st_size)).read(member)
+        except (zipfile.BadZipFile, KeyError, OSError, EOFError) as exc:
+            raise CheckpointError(f"{self.path}: cannot read tensor storage {member!r} ({exc})") from exc
+        expected = self.storage.numel * self.storage.dtype.itemsize
+        if len(raw) != expected:
+            raise CheckpointError(f"{self.path}: storage {member!r} has {len(raw)} bytes, expected {expected}")
+        flat = torch.frombuffer(bytearray(raw), dtype=self.storage.dtype) if raw else torch.empty(0, dtype=self.storage.dtype)
+        return torch.as_strided(flat, self.shape, self.stride, self.offset).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _open_zip(path: str, stamp: tuple[int, int]) -> zipfile.ZipFile:
+    """Reuse the archive's parsed directory across the many tensors of one file."""
+    return zipfile.ZipFile(path)
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+# The only globals rebuilt for real: plain containers and torch's tensor-rebuild entry points.
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("torch", "Size"): torch.Size,
+}
+
+
+def _rebuild_tensor(storage: StorageRef, offset: int, size: Any, stride: Any, *_: Any) -> "LazyTensorRecord":
+    return LazyTensorRecord(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+@dataclass(frozen=True)
+class LazyTensorRecord:
+    storage: StorageRef
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, archive_name: str):
+        super().__init__(file)
+        self.archive_name = archive_name
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "torch" and name in {"float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "bool", "int8", "int16"}:
+            return getattr(torch, name)
+        if module == "torch.storage" and name == "UntypedStorage":
+            return torch.uint8
+        return _opaque_class(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        _, storage_type, key, _location, numel = pid[:5]
+        dtype = storage_type if isinstance(storage_type, torch.dtype) else torch.uint8
+        return StorageRef(self.archive_name, str(key), dtype, int(numel))
+
+
+def read_pickle(path: str | Path) -> Any:
+    """Unpickle ``path``'s object with tensors as :class:`LazyTensor` (restricted, nothing executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not pickles:
+                raise CheckpointError(f"{path}: not a torch zip checkpoint (no data.pkl inside)")
+            archive_name = pickles[0].rsplit("/", 1)[0] if "/" in pickles[0] else ""
+            with archive.open(pickles[0]) as handle:
+                obj = _RestrictedUnpickler(handle, archive_name).load()
+    except zipfile.BadZipFile as exc:
+        raise CheckpointError(
+            f"{path}: not a readable torch zip checkpoint ({exc}); the file may be truncated, or saved with "
+            "the legacy (pre-1.6) torch format, which this toolkit does not read"
+        ) from exc
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: malformed checkpoint pickle ({exc})") from exc
+    return _attach_path(obj, path)
+
+
+def _attach_path(obj: Any, path: Path) -> Any:
+    if isinstance(obj, LazyTensorRecord):
+        return LazyTensor(path, obj.storage, obj.offset, obj.shape, obj.stride)
+    if isinstance(obj, dict):
+        return type(obj)((k, _attach_path(v, path)) for k, v in obj.items()) if isinstance(obj, collections.OrderedDict) else {k: _attach_path(v, path) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_attach_path(v, path) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_attach_path(v, path) for v in obj)
+    return obj
+
+
+def find_in_opaque(obj: Any, key: str, *, depth: int = 0) -> Any:
+    """Search plain data (dicts, lists, :class:`Opaque` state/args) for ``key``; None if absent.
+
+    Used to read e.g. ``encoder_attention_heads`` out of a fairseq ``cfg``/``args`` object without
+    importing omegaconf or fairseq.
+    """
+    if depth > 12:
+        return None
+    if isinstance(obj, dict):
+        if key in obj and not isinstance(obj[key], (dict, list, Opaque)):
+            return _unwrap(obj[key])
+        if key in obj and isinstance(obj[key], Opaque):
+            value = _unwrap(obj[key])
+            if value is not None and not isinstance(value, Opaque):
+                return value
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    elif isinstance(obj, Opaque):
+        children = [obj.state, list(obj.args), obj.items]
+    else:
+        return None
+    for child in children:
+        found = find_in_opaque(child, key, depth=depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _unwrap(value: Any) -> Any:
+    """omegaconf stores leaves as ValueNode objects whose state holds ``_val``."""
+    if isinstance(value, Opaque):
+        state = value.state
+        if isinstance(state, dict):
+            inner = state.get("_val", state.get("__dict__", {}).get("_val") if isinstance(state.get("__dict__"), dict) else None)
+            return inner
+        return None
+    return value

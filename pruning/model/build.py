@@ -1,0 +1,127 @@
+"""Put our MoE layer into ``transformers``' NLLB-MoE encoder-decoder, built on the meta device.
+
+``transformers`` supplies attention, embeddings, masks, caching and generation; every sparse layer's
+``ffn`` is replaced by :class:`pruning.model.moe.MoeLayer` holding only the experts a selection keeps.
+Parameters are allocated once, at their final dtype and device, then filled tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
+
+from pruning.model.moe import MoeLayer
+from pruning.topology import Side, Topology
+
+ExpertSelection = dict[tuple[str, int], list[int]]
+"""(side, layer) -> sorted original indices of the experts a MoE layer keeps."""
+
+
+class NllbMoeForPruning(NllbMoeForConditionalGeneration):
+    """``NllbMoeForConditionalGeneration`` whose MoE layers are ours (see :mod:`pruning.model.moe`)."""
+
+    tokenizer = None  # set by load_model when tokenizer files are found
+
+    def moe_layers(self) -> Iterator[tuple[Side, int, MoeLayer]]:
+        """Yield ``(side, layer, MoeLayer)`` in global order (encoder first)."""
+        for side, stack in (("encoder", self.model.encoder), ("decoder", self.model.decoder)):
+            for index, layer in enumerate(stack.layers):
+                if isinstance(layer.ffn, MoeLayer):
+                    yield side, index, layer.ffn  # type: ignore[misc]
+
+    def moe_layer(self, side: str, layer: int) -> MoeLayer:
+        stack = self.model.encoder if side == "encoder" else self.model.decoder
+        ffn = stack.layers[layer].ffn
+        if not isinstance(ffn, MoeLayer):
+            raise KeyError(f"{side} layer {layer} is not a MoE layer")
+        return ffn
+
+    @property
+    def topology(self) -> Topology:
+        return Topology.from_config(self.config)
+
+    def expert_selection(self) -> ExpertSelection:
+        return {(side, layer): moe.expert_ids for side, layer, moe in self.moe_layers()}
+
+
+def full_selection(topology: Topology) -> ExpertSelection:
+    return {(side, layer): list(range(topology.num_experts)) for _, side, layer in topology.iter_moe_layers()}
+
+
+def build_empty_model(
+    config: NllbMoeConfig,
+    *,
+    experts: Optional[ExpertSelection] = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> NllbMoeForPruning:
+    """An uninitialised model (parameters allocated, not filled) keeping ``experts`` (default all)."""
+    from accelerate import init_empty_weights
+    from transformers.modeling_utils import no_init_weights
+
+    topology = Topology.from_config(config)
+    experts = experts or full_selection(topology)
+    config = _inference_config(config)
+    with init_empty_weights(include_buffers=False), no_init_weights():
+        model = NllbMoeForPruning(config)
+        for _, side, layer in topology.iter_moe_layers():
+            stack = model.model.encoder if side == "encoder" else model.model.decoder
+            stack.layers[layer].ffn = MoeLayer(
+                d_model=config.d_model,
+                ffn_dim=config.encoder_ffn_dim if side == "encoder" else config.decoder_ffn_dim,
+                expert_ids=experts[(side, layer)],
+                eom=config.moe_token_dropout,
+                capacity_fraction=config.moe_eval_capacity_token_fraction,
+            )
+    model.tie_weights()  # accelerate's meta init registers fresh parameters: re-tie embeddings and lm_head
+    _materialise(model, dtype=dtype, device=torch.device(device))
+    model.eval()
+    return model
+
+
+def _inference_config(config: NllbMoeConfig) -> NllbMoeConfig:
+    config = NllbMoeConfig.from_dict(config.to_dict())
+    config.output_router_logits = False  # routing is observed through hooks, not HF's aux-loss path
+    config._attn_implementation = "eager"
+    return config
+
+
+def _materialise(model: nn.Module, *, dtype: torch.dtype, device: torch.device) -> None:
+    """Allocate every meta parameter on ``device`` (ties kept; routers in fp32); move buffers."""
+    allocated: dict[int, nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in allocated:
+                is_router = module_name.endswith("ffn.router")
+                target = torch.float32 if is_router else dtype
+                allocated[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=target, device=device), requires_grad=False)
+            module._parameters[name] = allocated[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is None:
+                continue
+            buffer = buffer.to(device)
+            if buffer.is_floating_point():
+                buffer = buffer.to(dtype)
+            module._buffers[name] = buffer
+
+
+def init_random_weights(model: NllbMoeForPruning, *, seed: int = 0, std: float = 0.02, router_std: float = 1.0) -> None:
+    """Fill a freshly built model with seeded random weights (tests, benchmarks).
+
+    Router rows get a large ``router_std`` so that routing spreads over many experts.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters(remove_duplicate=True):
+            if name.endswith("layer_norm.weight"):
+                value = 1.0 + 0.1 * torch.randn(param.shape, generator=generator)
+            elif name.endswith("router.weight"):
+                value = router_std * torch.randn(param.shape, generator=generator)
+            else:
+                value = std * torch.randn(param.shape, generator=generator)
+            param.copy_(value.to(param.dtype))

@@ -1,0 +1,161 @@
+"""``load_model``: build on the meta device, then fill from a checkpoint reader, one tensor at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from pruning.checkpoint import keymap
+from pruning.checkpoint.reader import CheckpointReader, open_checkpoint
+from pruning.checkpoint.torch_zip import CheckpointError
+from pruning.model.build import ExpertSelection, NllbMoeForPruning, build_empty_model, full_selection
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def parse_dtype(dtype: Any) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise CheckpointError(f"--dtype must be one of {sorted(set(DTYPES))}, got {dtype!r}") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: Any = None,
+    *,
+    experts: Optional[ExpertSelection] = None,
+    progress: bool = False,
+) -> NllbMoeForPruning:
+    """Load an NLLB-MoE model from an HF-layout directory, a fairseq checkpoint or an export.
+
+    ``experts`` keeps a subset per MoE layer ((side, layer) -> expert indices); the router keeps only
+    their rows. ``dtype`` None keeps the checkpoint's. The tokenizer, if found, is ``model.tokenizer``.
+    """
+    reader = open_checkpoint(path)
+    available = reader.present_experts()
+    selection = experts if experts is not None else (available or full_selection(reader.topology))
+    _check_selection(selection, available, reader)
+    target_dtype = parse_dtype(dtype) or reader.dtype
+    model = build_empty_model(reader.config, experts=selection, dtype=target_dtype, device=resolve_device(device))
+    fill_weights(model, reader, progress=progress)
+    model.tokenizer = load_tokenizer(reader.tokenizer_dir) if reader.tokenizer_dir else None
+    model.source_path = str(path)  # type: ignore[attr-defined]
+    model.source_layout = reader.layout  # type: ignore[attr-defined]
+    model.manifest = reader.manifest  # type: ignore[attr-defined]
+    return model
+
+
+def _check_selection(selection: ExpertSelection, available: dict[tuple[str, int], list[int]], reader: CheckpointReader) -> None:
+    topology = reader.topology
+    for _, side, layer in topology.iter_moe_layers():
+        wanted = selection.get((side, layer))
+        if wanted is None:
+            raise CheckpointError(f"expert selection has no entry for {side} layer {layer}")
+        if not wanted:
+            raise CheckpointError(f"expert selection keeps no expert in {side} layer {layer}")
+        lacking = sorted(set(wanted) - set(available.get((side, layer), [])))
+        if lacking:
+            raise CheckpointError(
+                f"{reader.path}: the selection asks for expert(s) {lacking[:10]} of {side} layer {layer}, "
+                f"which the checkpoint does not hold (it has {len(available.get((side, layer), []))} experts there)"
+            )
+
+
+def fill_weights(model: NllbMoeForPruning, reader: CheckpointReader, *, progress: bool = False) -> None:
+    """Copy every needed checkpoint tensor into ``model``; check shapes; require every parameter filled."""
+    params = dict(model.model.named_parameters(remove_duplicate=False))
+    local_index = {
+        (side, layer): {e: i for i, e in enumerate(moe.expert_ids)} for side, layer, moe in model.moe_layers()
+    }
+    present = reader.present_experts()
+    filled: set[str] = set()
+    entries = list(reader.entries())
+    with torch.no_grad():
+        for entry in tqdm(entries, desc="loading", unit="tensor", disable=not progress):
+            expert = keymap.parse_expert_key(entry.name)
+            router = keymap.parse_router_key(entry.name)
+            if expert is not None:
+                local = local_index[(expert.side, expert.layer)].get(expert.expert)
+                if local is None:
+                    continue  # pruned away: never read
+                moe = model.moe_layer(expert.side, expert.layer)
+                dest_name = f"{expert.linear}_{expert.kind}"
+                dest = getattr(moe.experts, dest_name)[local]
+                _copy(dest, entry, reader)
+                filled.add(f"{expert.side}.{expert.layer}.{dest_name}.{local}")
+            elif router is not None:
+                moe = model.moe_layer(*router)
+                source = entry.tensor.load()
+                # Router rows follow the experts the checkpoint holds (all of them, or an export's kept ones).
+                held = present[router]
+                if source.shape[0] != len(held):
+                    raise CheckpointError(
+                        f"{entry.file}: router {entry.source_key} has {source.shape[0]} rows but the checkpoint "
+                        f"holds {len(held)} experts for that layer"
+                    )
+                row_of = {e: i for i, e in enumerate(held)}
+                rows = torch.tensor([row_of[e] for e in moe.expert_ids], dtype=torch.long)
+                _copy(moe.router.weight, entry, reader, tensor=source[rows])
+                filled.add(entry.name)
+            else:
+                if entry.name not in params:
+                    raise CheckpointError(f"{entry.file}: tensor {entry.source_key!r} ({entry.name}) has no place in the model")
+                _copy(params[entry.name], entry, reader)
+                filled.add(entry.name)
+    _check_filled(model, filled, reader)
+    model.tie_weights()
+
+
+def _copy(dest: torch.Tensor, entry: Any, reader: CheckpointReader, *, tensor: Optional[torch.Tensor] = None) -> None:
+    source = entry.tensor.load() if tensor is None else tensor
+    if tuple(source.shape) != tuple(dest.shape):
+        raise CheckpointError(
+            f"{entry.file}: tensor {entry.source_key!r} has shape {tuple(source.shape)}, the model built from "
+            f"{reader.path}'s config expects {tuple(dest.shape)}"
+        )
+    dest.copy_(source)
+
+
+def _check_filled(model: NllbMoeForPruning, filled: set[str], reader: CheckpointReader) -> None:
+    expected: set[str] = set()
+    for name, _ in model.model.named_parameters(remove_duplicate=True):
+        if ".ffn.experts." in name or name.endswith("ffn.router.weight"):
+            continue
+        expected.add(name)
+    for side, layer, moe in model.moe_layers():
+        expected.add(keymap.router_key(side, layer))
+        for dest in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
+            expected.update(f"{side}.{layer}.{dest}.{i}" for i in range(len(moe.expert_ids)))
+    missing = sorted(expected - filled)
+    if missing:
+        raise CheckpointError(f"{reader.path}: {len(missing)} model parameter(s) were not in the checkpoint: {missing[:10]}")
+
+
+def load_tokenizer(directory: str | Path):  # noqa: ANN201 - a transformers tokenizer
+    """The NLLB tokenizer stored beside the weights (sentencepiece model and/or HF tokenizer files)."""
+    from transformers import AutoTokenizer, NllbTokenizer
+
+    directory = Path(directory)
+    if (directory / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(directory), use_fast=False)
+    spm = directory / "sentencepiece.bpe.model"
+    if spm.is_file():
+        return NllbTokenizer(vocab_file=str(spm))
+    raise CheckpointError(f"{directory}: no tokenizer files (sentencepiece.bpe.model or tokenizer_config.json)")

@@ -1,0 +1,229 @@
+"""The NLLB-MoE expert layer, with fairseq's eval-time routing semantics.
+
+Dimension legend: B batch, S sequence, T = B*S tokens, E experts kept in this layer, D d_model,
+F ffn width, K = 2 choices per token.
+
+Routing (fairseq ``top2gating``, eval mode; reference page section 2):
+- logits = x @ wg.T in fp32; probs = softmax over the layer's (kept, active) experts;
+- 1st choice = argmax(probs); 2nd = argmax of the logits with the 1st masked out;
+- padding tokens are routed nowhere and take no capacity;
+- capacity = ceil(capacity_fraction * T); positions: 1st choices in token order, then 2nd choices;
+- combine weights g1/(g1+g2), g2/(g1+g2) computed AFTER capacity dropping;
+- output = sum_k weight_k * (1 - eom) * expert_k(x)   (expert output masking at inference).
+
+The router decides and returns a :class:`Routing` (data, no state on ``self``); the dispatch turns
+``(x, routing)`` into the output. Statistics collection observes the routing through a forward hook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TOP_K = 2
+
+
+@dataclass
+class Routing:
+    """What the router decided for T tokens."""
+
+    logits: torch.Tensor
+    """[T, E] fp32 router logits (inactive experts at -inf)."""
+    probs: torch.Tensor
+    """[T, E] fp32 softmax gate probabilities over the layer's active experts."""
+    expert_idx: torch.Tensor
+    """[T, K] long: local indices (rows of this layer's router) of the 1st and 2nd choice."""
+    weights: torch.Tensor
+    """[T, K] fp32 combine weights after capacity dropping (0 where not dispatched)."""
+    dispatched: torch.Tensor
+    """[T, K] bool: the assignment survived padding and capacity."""
+    token_mask: torch.Tensor
+    """[T] bool: True for real (non-padding) tokens."""
+    expert_ids: torch.Tensor
+    """[E] long: the original expert index (0..127 in NLLB-200) of each local expert."""
+
+
+class Router(nn.Module):
+    """``wg``: one fp32 row per kept expert, no bias. Routing runs in fp32 whatever the model dtype."""
+
+    def __init__(self, *, d_model: int, expert_ids: Sequence[int], capacity_fraction: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(len(expert_ids), d_model, dtype=torch.float32))
+        self.register_buffer("expert_ids", torch.tensor(list(expert_ids), dtype=torch.long), persistent=False)
+        self.capacity_fraction = capacity_fraction
+        # [E] bool or None: experts a direction may use (multi-direction exports); set between calls.
+        self.active: Optional[torch.Tensor] = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Keep the router in fp32 when the model is cast to bf16/fp16: routing must not change with dtype.
+        super()._apply(fn, recurse)
+        if self.weight.is_floating_point() and self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.float()
+        return self
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor) -> Routing:
+        """x: [T, D]; token_mask: [T] bool (True = real token)."""
+        num_tokens = x.shape[0]
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        if self.active is not None:
+            logits = logits.masked_fill(~self.active.to(logits.device), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # [T, E]
+        top1 = probs.argmax(dim=-1)  # [T]
+        if self.num_experts > 1:
+            top2 = logits.scatter(1, top1[:, None], float("-inf")).argmax(dim=-1)  # [T]
+        else:
+            top2 = top1
+        expert_idx = torch.stack([top1, top2], dim=1)  # [T, K]
+        chosen = token_mask[:, None].expand(-1, TOP_K).clone()  # [T, K]
+        if self.num_experts == 1:
+            chosen[:, 1] = False
+        if self.active is not None and int(self.active.sum()) < 2:
+            chosen[:, 1] = False
+        capacity = math.ceil(self.capacity_fraction * num_tokens)
+        dispatched = chosen & (_positions(expert_idx, chosen, self.num_experts) < capacity)
+        gates = probs.gather(1, expert_idx) * dispatched  # [T, K]
+        denom = gates.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
+        return Routing(
+            logits=logits,
+            probs=probs,
+            expert_idx=expert_idx,
+            weights=gates / denom,
+            dispatched=dispatched,
+            token_mask=token_mask,
+            expert_ids=self.expert_ids,
+        )
+
+
+def _positions(expert_idx: torch.Tensor, chosen: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, K] position of each assignment in its expert's queue: all 1st choices, then all 2nd."""
+    one_hot = F.one_hot(expert_idx, num_experts) * chosen[..., None]  # [T, K, E]
+    first = one_hot[:, 0].cumsum(0) - 1  # [T, E]
+    second = one_hot[:, 1].cumsum(0) - 1 + one_hot[:, 0].sum(0, keepdim=True)  # [T, E]
+    pos1 = first.gather(1, expert_idx[:, :1])
+    pos2 = second.gather(1, expert_idx[:, 1:])
+    return torch.cat([pos1, pos2], dim=1)  # [T, K]
+
+
+class StackedExperts(nn.Module):
+    """E feed-forward experts stored stacked, ready for a grouped GEMM.
+
+    fc1_weight [E, F, D], fc1_bias [E, F], fc2_weight [E, D, F], fc2_bias [E, D]; ReLU in between.
+    """
+
+    def __init__(self, *, num_experts: int, d_model: int, ffn_dim: int):
+        super().__init__()
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, ffn_dim, d_model))
+        self.fc1_bias = nn.Parameter(torch.empty(num_experts, ffn_dim))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, d_model, ffn_dim))
+        self.fc2_bias = nn.Parameter(torch.empty(num_experts, d_model))
+
+    @property
+    def num_experts(self) -> int:
+        return self.fc1_weight.shape[0]
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, D] -> [N, D] through expert ``e`` (local index)."""
+        h = F.relu(F.linear(x, self.fc1_weight[e], self.fc1_bias[e]))  # [N, F]
+        return F.linear(h, self.fc2_weight[e], self.fc2_bias[e])  # [N, D]
+
+
+Dispatch = Callable[[torch.Tensor, Routing, StackedExperts], torch.Tensor]
+
+
+def sorted_loop_dispatch(x: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
+    """Sort the T*K assignments by expert and run each expert once on its tokens.
+
+    Never allocates [E, T, D]: memory is O(T*K*D). Returns the weighted sum [T, D] (before EOM scaling).
+    """
+    flat_expert = routing.expert_idx.reshape(-1)  # [T*K]
+    flat_token = torch.arange(x.shape[0], device=x.device).repeat_interleave(TOP_K)  # [T*K]
+    flat_weight = routing.weights.reshape(-1)  # [T*K]
+    keep = routing.dispatched.reshape(-1)
+    flat_expert, flat_token, flat_weight = flat_expert[keep], flat_token[keep], flat_weight[keep]
+    order = torch.argsort(flat_expert, stable=True)
+    flat_expert, flat_token, flat_weight = flat_expert[order], flat_token[order], flat_weight[order]
+    counts = torch.bincount(flat_expert, minlength=experts.num_experts).tolist()
+    out = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tokens = flat_token[start : start + n]
+        y = experts.expert_forward(e, x[tokens])  # [n, D]
+        out.index_add_(0, tokens, y * flat_weight[start : start + n, None].to(y.dtype))
+        start += n
+    return out
+
+
+class MoeLayer(nn.Module):
+    """Router + stacked experts; replaces ``transformers``' ``NllbMoeSparseMLP`` inside each MoE layer.
+
+    ``expert_ids`` are the original indices of the experts this layer keeps (all of them unpruned).
+    Called as HF's layer calls its ``ffn``: ``(hidden [B, S, D], attention_mask)`` -> ``(out, routing)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        ffn_dim: int,
+        expert_ids: Sequence[int],
+        eom: float = 0.2,
+        capacity_fraction: float = 1.0,
+        dispatch: Optional[Dispatch] = None,
+    ):
+        super().__init__()
+        self.router = Router(d_model=d_model, expert_ids=expert_ids, capacity_fraction=capacity_fraction)
+        self.experts = StackedExperts(num_experts=len(expert_ids), d_model=d_model, ffn_dim=ffn_dim)
+        self.eom = eom
+        self.dispatch: Dispatch = dispatch or sorted_loop_dispatch
+
+    @property
+    def expert_ids(self) -> list[int]:
+        return self.router.expert_ids.tolist()
+
+    def forward(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        batch, seq, d_model = hidden.shape
+        token_mask = token_mask_from_attention(attention_mask, batch=batch, seq=seq, device=hidden.device)
+        x = hidden.reshape(batch * seq, d_model)  # [T, D]
+        routing = self.router(x, token_mask)
+        out = self.dispatch(x, routing, self.experts)  # [T, D]
+        if self.training and self.eom > 0:
+            # fairseq's expert output masking: drop a whole token's expert output, no rescaling.
+            keep = torch.rand(out.shape[0], 1, device=out.device) >= self.eom
+            out = out * keep.to(out.dtype)
+        elif self.eom > 0:
+            out = out * (1.0 - self.eom)
+        return out.reshape(batch, seq, d_model), routing
+
+
+def token_mask_from_attention(
+    attention_mask: Optional[torch.Tensor], *, batch: int, seq: int, device: torch.device
+) -> torch.Tensor:
+    """[B*S] bool, True for real tokens, from the mask HF hands to its layers' ``ffn``.
+
+    Accepts None (no padding), a 2-D [B, S] 0/1 mask, or HF's 4-D additive (0 / large negative) or
+    boolean mask [B, 1, Q, K]. In the 4-D case the current S tokens are the last S keys and the last
+    query row sees every non-padding key (encoder: any row; decoder: the causal row of the last query).
+    """
+    if attention_mask is None:
+        return torch.ones(batch * seq, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 2:
+        real = attention_mask[:, -seq:].bool()
+    elif attention_mask.dim() == 4:
+        row = attention_mask[:, 0, -1, -seq:]  # [B, S]
+        real = row if row.dtype == torch.bool else row == 0
+    else:
+        raise ValueError(f"attention mask must be 2-D or 4-D, got shape {tuple(attention_mask.shape)}")
+    if real.shape != (batch, seq):
+        raise ValueError(f"attention mask covers {tuple(real.shape)} tokens, hidden states have {(batch, seq)}")
+    return real.reshape(batch * seq).to(device)
