@@ -115,7 +115,7 @@ def _default_of(field: dataclasses.Field) -> Any:
 
 def _base_type(hint: Any) -> Any:
     origin = typing.get_origin(hint)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or str(origin) in ("types.UnionType", "<class 'types.UnionType'>"):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return _base_type(args[0]) if len(args) == 1 else str
     return origin or hint
