@@ -446,3 +446,33 @@ def _check_complete(reader: CheckpointReader) -> None:
         raise CheckpointError(f"{reader.path}: {len(missing)} tensor(s) missing for the model in config: {missing[:10]}")
     if extra:
         raise CheckpointError(f"{reader.path}: {len(extra)} tensor(s) that the config's topology does not have: {extra[:10]}")
+    _check_shapes(reader, present)
+
+
+def expected_shape(name: str, config: Any, *, router_rows: int) -> tuple[int, ...]:
+    """Shape of canonical tensor ``name`` in a model of ``config``."""
+    d, f = config.d_model, config.encoder_ffn_dim if name.startswith("encoder") else config.decoder_ffn_dim
+    if name == keymap.SHARED:
+        return (config.vocab_size, d)
+    if keymap.parse_router_key(name):
+        return (router_rows, d)
+    linear = re.search(r"\.fc(1|2)\.(weight|bias)$", name)
+    if linear:
+        out_dim, in_dim = (f, d) if linear.group(1) == "1" else (d, f)
+        return (out_dim, in_dim) if linear.group(2) == "weight" else (out_dim,)
+    if re.search(r"_proj\.weight$", name):
+        return (d, d)
+    return (d,)  # projection biases and layer norms
+
+
+def _check_shapes(reader: CheckpointReader, present: dict[tuple[str, int], list[int]]) -> None:
+    """Every tensor's shape against the config, before any weight is loaded; all mismatches at once."""
+    wrong = []
+    for entry in reader.entries():
+        router = keymap.parse_router_key(entry.name)
+        rows = len(present.get(router, [])) if router else 0
+        want = expected_shape(entry.name, reader.config, router_rows=rows)
+        if tuple(entry.tensor.shape) != want:
+            wrong.append(f"{entry.file.name}:{entry.source_key} has shape {tuple(entry.tensor.shape)}, config expects {want}")
+    if wrong:
+        raise CheckpointError(f"{reader.path}: {len(wrong)} tensor(s) do not match the config: " + "; ".join(wrong[:10]))
