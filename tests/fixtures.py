@@ -213,3 +213,23 @@ def truncate(path: Path, keep_fraction: float = 0.5) -> None:
     with open(path, "r+b") as handle:
         handle.truncate(int(size * keep_fraction))
     os.sync() if hasattr(os, "sync") else None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m tests.fixtures --out DIR``: write the tiny model in both layouts (for `make demo`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    tokenizer = make_tokenizer(args.out / "tokenizer")
+    model = make_model(len(tokenizer), seed=args.seed)
+    write_hf(model, args.out / "hf", shards=2, tokenizer_dir=args.out / "tokenizer")
+    write_fairseq(model, args.out / "fairseq", spm_path=args.out / "tokenizer" / "sentencepiece.bpe.model")
+    print(f"tiny real-topology model written to {args.out}/hf (HF layout) and {args.out}/fairseq (fairseq layout)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

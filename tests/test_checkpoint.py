@@ -183,7 +183,7 @@ def test_pickle_that_runs_code_is_never_executed(tmp_path, tiny_fairseq_dir, mon
     shutil.copytree(tiny_fairseq_dir, directory)
     shared = directory / "checkpoint_2_300000-shared.pt"
     obj = torch.load(shared, weights_only=False)  # our own fixture, trusted
-    obj["cfg"] = Payload()
+    obj["extra_state"] = Payload()
     obj["model"]["evil"] = Payload()
     torch.save(obj, shared)
     with pytest.raises(CheckpointError, match="evil"):

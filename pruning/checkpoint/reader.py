@@ -333,6 +333,9 @@ def glob_escape(text: str) -> str:
 def _model_state(obj: Any, file: Path) -> dict[str, Any]:
     if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
         raise CheckpointError(f"{file}: not a fairseq checkpoint (expected a dict with a 'model' state dict)")
+    strange = sorted(f"{k} ({getattr(v, 'qualname', type(v).__name__)})" for k, v in obj["model"].items() if not isinstance(v, (LazyTensor, int, float, str)))
+    if strange:
+        raise CheckpointError(f"{file}: the model state holds non-tensor entries {strange[:10]} (never executed)")
     return {str(k): v for k, v in obj["model"].items() if isinstance(v, LazyTensor)}
 
 

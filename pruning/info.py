@@ -1,0 +1,78 @@
+"""``nllb-prune info``: what a checkpoint holds, without loading its weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pruning.checkpoint import keymap
+from pruning.checkpoint.reader import open_checkpoint
+from pruning.topology import gib
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def describe_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Layout, topology, dtype, parameter and byte counts (dense, experts, per MoE layer)."""
+    reader = open_checkpoint(path)
+    topology = reader.topology
+    dense_params = expert_params = dense_bytes = expert_bytes = 0
+    per_layer: dict[str, dict[str, int]] = {}
+    for entry in reader.entries():
+        n = _numel(tuple(entry.tensor.shape))
+        nbytes = n * entry.tensor.dtype.itemsize
+        expert = keymap.parse_expert_key(entry.name)
+        if expert is None:
+            dense_params += n
+            dense_bytes += nbytes
+            continue
+        expert_params += n
+        expert_bytes += nbytes
+        slot = per_layer.setdefault(f"{expert.side}.{expert.layer}", {"experts": 0, "params": 0, "bytes": 0})
+        slot["params"] += n
+        slot["bytes"] += nbytes
+    for (side, layer), experts in reader.present_experts().items():
+        per_layer[f"{side}.{layer}"]["experts"] = len(experts)
+    return {
+        "path": str(path),
+        "layout": reader.layout,
+        "files": len(reader.files),
+        "dtype": str(reader.dtype).replace("torch.", ""),
+        "topology": topology.to_dict(),
+        "moe_layers": {side: list(topology.moe_layers(side)) for side in ("encoder", "decoder")},  # type: ignore[arg-type]
+        "experts_kept": sum(v["experts"] for v in per_layer.values()),
+        "experts_total": topology.num_total_experts,
+        "params": {"dense": dense_params, "experts": expert_params, "total": dense_params + expert_params},
+        "bytes": {"dense": dense_bytes, "experts": expert_bytes, "total": dense_bytes + expert_bytes},
+        "per_moe_layer": per_layer,
+        "tokenizer": str(reader.tokenizer_dir) if reader.tokenizer_dir else None,
+        "manifest": reader.manifest,
+    }
+
+
+def format_description(info: dict[str, Any]) -> str:
+    t = info["topology"]
+    lines = [
+        f"checkpoint   {info['path']}",
+        f"layout       {info['layout']} ({info['files']} weight file(s)), dtype {info['dtype']}",
+        f"topology     {t['encoder_layers']}+{t['decoder_layers']} layers, d_model {t['d_model']}, ffn {t['ffn_dim']}, "
+        f"vocab {t['vocab_size']}, {t['num_experts']} experts per MoE layer",
+        f"MoE layers   encoder {info['moe_layers']['encoder']}, decoder {info['moe_layers']['decoder']}",
+        f"experts      {info['experts_kept']} of {info['experts_total']} held",
+        f"params       dense {info['params']['dense'] / 1e6:,.2f}M + experts {info['params']['experts'] / 1e6:,.2f}M "
+        f"= {info['params']['total'] / 1e6:,.2f}M",
+        f"bytes        dense {gib(info['bytes']['dense']):.3f} GiB + experts {gib(info['bytes']['experts']):.3f} GiB "
+        f"= {gib(info['bytes']['total']):.3f} GiB",
+        "per MoE layer (experts, params):",
+    ]
+    for name, slot in info["per_moe_layer"].items():
+        lines.append(f"  {name:<12} {slot['experts']:>4}  {slot['params'] / 1e6:,.2f}M")
+    lines.append(f"tokenizer    {info['tokenizer'] or 'not found'}")
+    if info.get("manifest"):
+        lines.append(f"manifest     {sorted(info['manifest'])}")
+    return "\n".join(lines)
