@@ -217,3 +217,71 @@ def test_routing_is_data():
     assert (routing.expert_idx[:, 0] != routing.expert_idx[:, 1]).all()
     torch.testing.assert_close(routing.weights.sum(-1), torch.ones(4))
     assert torch.equal(routing.expert_idx[:, 0], F.softmax(routing.logits, -1).argmax(-1))
+
+
+# ---- the grouped-GEMM dispatch -------------------------------------------------------------------
+from pruning.model import moe as moe_module  # noqa: E402
+
+GROUPED_CASES = {
+    "one_token": dict(experts=4, batch=1, seq=1, pad=0),
+    "padding": dict(experts=16, batch=3, seq=7, pad=4),
+    "empty_experts": dict(experts=128, batch=1, seq=5, pad=0),
+    "capacity_drops": dict(experts=6, batch=4, seq=8, pad=2, capacity=0.1),
+    "subset": dict(experts=9, batch=2, seq=6, pad=1, ids=[3, 9, 17, 20, 33, 40, 41, 90, 127]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROUPED_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_dispatch_equals_reference_layer(name, dtype):
+    case = GROUPED_CASES[name]
+    width, ffn = 16, 32  # rows must be multiples of 16 bytes for torch._grouped_mm
+    layer = MoeLayer(d_model=width, ffn_dim=ffn, expert_ids=case.get("ids", list(range(case["experts"]))),
+                     capacity_fraction=case.get("capacity", 1.0)).eval()
+    g = torch.Generator().manual_seed(len(name))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    layer = layer.to(dtype)
+    hidden = torch.randn(case["batch"], case["seq"], width, generator=g).to(dtype)
+    mask = torch.ones(case["batch"], case["seq"], dtype=torch.long)
+    if case["pad"]:
+        mask[-1, -case["pad"]:] = 0
+    with torch.no_grad():
+        layer.dispatch = moe_module.sorted_loop_dispatch
+        expected, _ = layer(hidden, mask)
+        layer.dispatch = moe_module.grouped_mm_dispatch
+        got, _ = layer(hidden, mask)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    else:  # bf16 operands: compare by relative norm (accumulation order differs between the paths)
+        error = (got.double() - expected.double()).norm() / expected.double().norm()
+        assert error < 1e-2, f"relative error {error:.2e}"
+    assert torch.all(got.reshape(-1, width)[~mask.reshape(-1).bool()] == 0)
+
+
+def test_auto_dispatch_falls_back_where_grouped_gemm_is_unavailable(monkeypatch):
+    cpu = torch.device("cpu")
+    assert moe_module.choose_dispatch("auto", device=cpu, dtype=torch.float32, d_model=16, ffn_dim=32)[0] == "grouped"
+    # rows that are not 16-byte multiples
+    name, why = moe_module.choose_dispatch("auto", device=cpu, dtype=torch.float32, d_model=6, ffn_dim=32)
+    assert name == "loop" and "16 bytes" in why
+    with pytest.raises(ValueError, match="unavailable"):
+        moe_module.choose_dispatch("grouped", device=cpu, dtype=torch.float32, d_model=6, ffn_dim=32)
+    # an older GPU, or a torch without the op
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert moe_module.choose_dispatch("auto", device=torch.device("cuda"), dtype=torch.bfloat16, d_model=2048, ffn_dim=8192)[0] == "loop"
+    monkeypatch.delattr(torch, "_grouped_mm")
+    assert moe_module.choose_dispatch("auto", device=cpu, dtype=torch.float32, d_model=16, ffn_dim=32)[0] == "loop"
+    with pytest.raises(ValueError, match="must be one of"):
+        moe_module.choose_dispatch("fast", device=cpu, dtype=torch.float32, d_model=16, ffn_dim=32)
+
+
+def test_model_level_dispatch_choice_gives_same_logits(tiny_hf_dir, tiny_batch):
+    from pruning import load_model
+
+    grouped = load_model(tiny_hf_dir)
+    assert grouped.dispatch_name == "grouped"
+    loop = load_model(tiny_hf_dir, dispatch="loop")
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(**tiny_batch).logits, loop(**tiny_batch).logits, rtol=1e-5, atol=1e-5)

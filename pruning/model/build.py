@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
 
-from pruning.model.moe import MoeLayer
+from pruning.model.moe import DISPATCHES, MoeLayer, choose_dispatch
 from pruning.topology import Side, Topology
 
 ExpertSelection = dict[tuple[str, int], list[int]]
@@ -45,6 +45,18 @@ class NllbMoeForPruning(NllbMoeForConditionalGeneration):
 
     def expert_selection(self) -> ExpertSelection:
         return {(side, layer): moe.expert_ids for side, layer, moe in self.moe_layers()}
+
+    def set_dispatch(self, name: str = "auto") -> str:
+        """Choose the expert dispatch of every MoE layer (``auto`` | ``grouped`` | ``loop``); returns the choice."""
+        weight = self.model.shared.weight
+        chosen, reason = choose_dispatch(
+            name, device=weight.device, dtype=weight.dtype, d_model=self.config.d_model,
+            ffn_dim=max(self.config.encoder_ffn_dim, self.config.decoder_ffn_dim),
+        )
+        for _, _, moe in self.moe_layers():
+            moe.dispatch = DISPATCHES[chosen]
+        self.dispatch_name, self.dispatch_reason = chosen, reason
+        return chosen
 
 
 def full_selection(topology: Topology) -> ExpertSelection:

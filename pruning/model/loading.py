@@ -41,12 +41,15 @@ def load_model(
     dtype: Any = None,
     *,
     experts: Optional[ExpertSelection] = None,
+    dispatch: str = "auto",
     progress: bool = False,
 ) -> NllbMoeForPruning:
     """Load an NLLB-MoE model from an HF-layout directory, a fairseq checkpoint or an export.
 
     ``experts`` keeps a subset per MoE layer ((side, layer) -> expert indices); the router keeps only
-    their rows. ``dtype`` None keeps the checkpoint's. The tokenizer, if found, is ``model.tokenizer``.
+    their rows. ``dtype`` None keeps the checkpoint's. ``dispatch`` picks the expert dispatch
+    (``auto``: grouped GEMM where supported, else the sorted per-expert loop). The tokenizer, if
+    found, is ``model.tokenizer``.
     """
     reader = open_checkpoint(path)
     available = reader.present_experts()
@@ -55,6 +58,10 @@ def load_model(
     target_dtype = parse_dtype(dtype) or reader.dtype
     model = build_empty_model(reader.config, experts=selection, dtype=target_dtype, device=resolve_device(device))
     fill_weights(model, reader, progress=progress)
+    try:
+        model.set_dispatch(dispatch)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     model.tokenizer = load_tokenizer(reader.tokenizer_dir) if reader.tokenizer_dir else None
     model.source_path = str(path)  # type: ignore[attr-defined]
     model.source_layout = reader.layout  # type: ignore[attr-defined]

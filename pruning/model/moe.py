@@ -164,6 +164,64 @@ def sorted_loop_dispatch(x: torch.Tensor, routing: Routing, experts: StackedExpe
     return out
 
 
+def grouped_mm_dispatch(x: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
+    """All experts of the layer as two grouped GEMMs over the stacked weights; no host synchronisation.
+
+    Every one of the T*K assignments is computed (dropped/padding ones get weight 0), so shapes never
+    depend on the routing: no ``.tolist()``, no boolean indexing, CUDA-graph friendly.
+    """
+    flat_expert = routing.expert_idx.reshape(-1)  # [T*K]
+    order = torch.argsort(flat_expert, stable=True)  # [T*K]
+    sorted_expert = flat_expert[order]
+    tokens = order // TOP_K  # [T*K] token of each sorted assignment
+    weight = (routing.weights * routing.dispatched).reshape(-1)[order]  # [T*K]
+    counts = torch.bincount(sorted_expert, minlength=experts.num_experts)  # [E]
+    offsets = torch.cumsum(counts, 0).to(torch.int32)  # [E] group ends
+    xs = x[tokens]  # [T*K, D]
+    h = torch._grouped_mm(xs, experts.fc1_weight.transpose(1, 2), offs=offsets)  # [T*K, F]
+    h = F.relu(h + experts.fc1_bias[sorted_expert])
+    y = torch._grouped_mm(h, experts.fc2_weight.transpose(1, 2), offs=offsets)  # [T*K, D]
+    y = y + experts.fc2_bias[sorted_expert]
+    y = torch.where(weight[:, None] > 0, y * weight[:, None].to(y.dtype), torch.zeros((), dtype=y.dtype, device=y.device))
+    out = torch.zeros_like(x)
+    out.index_add_(0, tokens, y)
+    return out
+
+
+DISPATCHES: dict[str, Dispatch] = {"loop": sorted_loop_dispatch, "grouped": grouped_mm_dispatch}
+
+
+def grouped_mm_supported(*, device: torch.device, dtype: torch.dtype, d_model: int, ffn_dim: int) -> tuple[bool, str]:
+    """Whether ``torch._grouped_mm`` can run these shapes here, and why not when it cannot."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False, f"torch {torch.__version__} has no torch._grouped_mm"
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if (d_model * itemsize) % 16 or (ffn_dim * itemsize) % 16:
+        return False, f"rows of {d_model}/{ffn_dim} {dtype} elements are not multiples of 16 bytes"
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 9:
+            return False, f"grouped GEMM needs a Hopper-class GPU (sm_90+), this is sm_{major}x"
+        if dtype != torch.bfloat16:
+            return False, f"grouped GEMM on CUDA needs bfloat16, the model is {dtype}"
+        return True, "CUDA sm_90+ bf16"
+    if device.type == "cpu":
+        return True, "CPU grouped GEMM"
+    return False, f"no grouped GEMM on {device.type}"
+
+
+def choose_dispatch(name: str, *, device: torch.device, dtype: torch.dtype, d_model: int, ffn_dim: int) -> tuple[str, str]:
+    """``auto`` -> ``grouped`` where supported, else ``loop``. Returns (name, reason)."""
+    if name not in ("auto", *DISPATCHES):
+        raise ValueError(f"--dispatch must be one of auto, {', '.join(DISPATCHES)}; got {name!r}")
+    ok, why = grouped_mm_supported(device=device, dtype=dtype, d_model=d_model, ffn_dim=ffn_dim)
+    if name == "grouped" and not ok:
+        raise ValueError(f"--dispatch grouped is unavailable: {why}")
+    if name == "auto":
+        return ("grouped", why) if ok else ("loop", why)
+    return name, why
+
+
 class MoeLayer(nn.Module):
     """Router + stacked experts; replaces ``transformers``' ``NllbMoeSparseMLP`` inside each MoE layer.
 
