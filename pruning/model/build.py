@@ -90,6 +90,7 @@ def build_empty_model(
             )
     model.tie_weights()  # accelerate's meta init registers fresh parameters: re-tie embeddings and lm_head
     _materialise(model, dtype=dtype, device=torch.device(device))
+    model.set_dispatch("auto")
     model.eval()
     return model
 
