@@ -155,11 +155,11 @@ def _split_sides(topology: Topology) -> dict[str, slice]:
 
 
 # ---- export --------------------------------------------------------------------------------------
-def paper_quantities(counters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def paper_quantities(counters: dict[str, torch.Tensor], *, where: str = "statistics") -> dict[str, torch.Tensor]:
     """The six per-token quantities (each [L, E]) of one side's counters, the paper's orientation."""
     from metrics import compute_metric  # the paper's rank is raw (lower = better), unlike our "rank" metric
 
-    out = {name: compute_metric(name, counters) for name in ("top1", "top2", "conf1", "conf2", "mean")}
+    out = {name: compute_metric(name, counters, where=where) for name in ("top1", "top2", "conf1", "conf2", "mean")}
     out["rank"] = counters["rank"].to(torch.float64) / counters["tokens"].to(torch.float64)[:, None]
     return out
 
@@ -189,7 +189,7 @@ def stats_to_paper_data(
                 halves.append({name: torch.zeros(n_layers, stats.topology.num_experts) for name in PAPER_QUANTITIES})
                 continue
             counters = sides[0] if len(sides) == 1 else sum_counters(sides)
-            halves.append(paper_quantities(counters))
+            halves.append(paper_quantities(counters, where=f"{key}/{side}"))
         out[key] = {name: [_num(v) for v in torch.cat([h[name].flatten() for h in halves]).tolist()] for name in PAPER_QUANTITIES}
     return out
 
