@@ -139,12 +139,15 @@ def validate_index(
     topology: Topology = NLLB_MOE_54B,
     *,
     min_per_layer: int = DEFAULT_MIN_PER_LAYER,
+    per_layer: Mapping[Side, int] | None = None,
     what: str = "expert index",
 ) -> None:
     """Raise :class:`ExpertIndexError` on ids out of range, duplicates, or a MoE layer under ``min_per_layer``.
 
     Entries of kind ``"all"`` and ``"pair"`` must cover both sides; a language entry may hold one side
     only (see the module docstring), but each side it holds must have ``min_per_layer`` in every layer.
+    ``per_layer`` (e.g. ``{"encoder": 36, "decoder": 12}``) also requires exactly that many in every
+    layer of the side.
     """
     n = topology.num_total_experts
     for key in index.keys:
@@ -162,6 +165,10 @@ def validate_index(
             if index.kind == "lang" and not any(side_counts.values()):
                 continue
             for layer, count in side_counts.items():
+                if per_layer is not None and side in per_layer and count != per_layer[side]:
+                    raise ExpertIndexError(
+                        f"{label} keeps {count} expert(s) in {side} layer {layer}, expected {per_layer[side]}"
+                    )
                 if count < min_per_layer:
                     raise ExpertIndexError(
                         f"{label} keeps {count} expert(s) in {side} layer {layer}; every kept MoE layer needs at "

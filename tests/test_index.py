@@ -138,6 +138,9 @@ def test_index_for_another_topology_is_refused() -> None:
 def test_the_papers_experts_json() -> None:
     index = read_index(PAPER_EXPERTS)
     validate_index(index, T)
+    validate_index(index, T, per_layer={"encoder": 36, "decoder": 12})
+    with pytest.raises(ExpertIndexError, match=r"keeps 12 expert\(s\) in decoder layer 3, expected 16"):
+        validate_index(index, T, per_layer={"decoder": 16})
     assert index.kind == "lang" and len(index.keys) == 202
     enc_layers = [("encoder", layer) for layer in T.moe_layers("encoder")]
     dec_layers = [("decoder", layer) for layer in T.moe_layers("decoder")]
