@@ -31,3 +31,12 @@ demo: setup ## run the main path end to end on the embedded default (no download
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+.PHONY: bench bench-gpu
+bench: setup ## CPU benchmarks at small widths (MoE layer, generation); results in experiments/results/
+	$(PY) -m experiments.bench.moe_layer --tokens 32,512 --repeats 3
+	$(PY) -m experiments.bench.generation --batch 4 --beam 2 --new-tokens 16 --src-len 16
+
+bench-gpu: setup ## full-width benchmarks on a CUDA GPU (random weights at 2048/8192/128)
+	$(PY) -m experiments.bench.moe_layer --device cuda --d-model 2048 --ffn 8192 --dtype bf16 --repeats 10
+	$(PY) -m experiments.bench.generation --device cuda --full-width --batch 16 --beam 4 --new-tokens 48
