@@ -64,7 +64,6 @@ def simulated_stats(
 def counters_from_gates_fast(gates: torch.Tensor) -> dict[str, torch.Tensor]:
     """Vectorised :func:`counters_from_gates` (checked equal to it in test_metrics)."""
     n_layers, n_tokens, n_experts = gates.shape
-    ids = torch.arange(n_experts, dtype=torch.float64)
     # sort by (-gate, id): stable sort on -gate keeps id order for ties
     order = torch.sort(-gates, dim=-1, stable=True).indices  # [L, T, E]
     ranks = torch.empty_like(order)
@@ -72,7 +71,6 @@ def counters_from_gates_fast(gates: torch.Tensor) -> dict[str, torch.Tensor]:
     first, second = order[..., 0], order[..., 1]  # [L, T]
     one1 = torch.nn.functional.one_hot(first, n_experts).to(torch.float64)  # [L, T, E]
     one2 = torch.nn.functional.one_hot(second, n_experts).to(torch.float64)
-    del ids
     return {
         "tokens": torch.full((n_layers,), float(n_tokens), dtype=torch.float64),
         "top1": one1.sum(1),
