@@ -33,7 +33,7 @@ from pathlib import Path
 
 from experiments.testbed import concepts
 from experiments.testbed.grammar import sample_sentence_frame
-from experiments.testbed.synthlangs import LANGUAGES, SOURCE, SPEC, LanguageSpec, build_languages
+from experiments.testbed.synthlangs import SOURCE, SPEC, LanguageSpec, build_languages
 from pruning.errors import UserError
 
 FORMAT = "nllb-prune-testbed-corpus"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 from dataclasses import dataclass, field
 
 from experiments.testbed import concepts as C
@@ -57,10 +58,8 @@ class LanguageSpec:
 
 
 def _intervocalic(pairs: str) -> SoundChange:
-    """Lenition between vowels, e.g. ``"pb td kg"``."""
-    import re
-
-    table = dict(pair for pair in pairs.split())  # type: ignore[misc]
+    """Lenition between vowels: ``"pb td kg"`` turns p, t, k between vowels into b, d, g."""
+    table = {pair[0]: pair[1] for pair in pairs.split()}
     pattern = re.compile(f"(?<={V})([{''.join(table)}])(?={V})")
     return lambda word: pattern.sub(lambda m: table[m.group(1)], word)
 
