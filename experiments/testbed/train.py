@@ -1,6 +1,6 @@
 """Train the testbed NLLB-MoE many-to-many on the synthetic corpus (CPU or GPU), resumable.
 
-    python -m experiments.testbed.train --data experiments/testbed/data --tokenizer experiments/testbed/tokenizer \
+    python -m experiments.testbed.train --data experiments/testbed/data --tokenizer experiments/testbed/data/tokenizer \
         --out outputs/testbed-train --model-out experiments/testbed/model --max-minutes 60
 
 Same architecture and routing as NLLB-200 MoE (our MoeLayer: fp32 router, top-2, expert output
@@ -38,7 +38,7 @@ from pruning.model.moe import MoeLayer, Routing
 @dataclass
 class TrainConfig:
     data: str = field(default="experiments/testbed/data", metadata={"help": "corpus directory"})
-    tokenizer: str = field(default="experiments/testbed/tokenizer", metadata={"help": "tokenizer directory"})
+    tokenizer: str = field(default="experiments/testbed/data/tokenizer", metadata={"help": "tokenizer directory"})
     out: str = field(default="outputs/testbed-train", metadata={"help": "checkpoints and logs"})
     model_out: str = field(default="experiments/testbed/model", metadata={"help": "final HF-layout model"})
     d_model: int = 128
