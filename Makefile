@@ -40,3 +40,19 @@ bench: setup ## CPU benchmarks at small widths (MoE layer, generation); results 
 bench-gpu: setup ## full-width benchmarks on a CUDA GPU (random weights at 2048/8192/128)
 	$(PY) -m experiments.bench.moe_layer --device cuda --d-model 2048 --ffn 8192 --dtype bf16 --repeats 10
 	$(PY) -m experiments.bench.generation --device cuda --full-width --batch 16 --beam 4 --new-tokens 48
+
+# ---- pruned model: prune (select + export), translate, evaluate. Keys from conf/*.yaml; override any of
+# them with ARGS="key=value ...", e.g.
+#   make prune ARGS="model=ckpt/ stats=stats.safetensors langs=fra_Latn,eng_Latn out=outputs/pruned"
+#   make translate ARGS="model=outputs/pruned src=fra_Latn tgt=eng_Latn input=in.txt output=out.txt"
+#   make evaluate ARGS="model=outputs/pruned data=flores200_dataset langs=fra_Latn,eng_Latn out=outputs/scores.tsv"
+.PHONY: prune translate evaluate
+ARGS ?=
+prune: setup ## select experts and export the pruned model (conf/prune.yaml + ARGS="key=value ...")
+	$(CLI) prune --config conf/prune.yaml $(ARGS)
+
+translate: setup ## translate stdin or input= with a (pruned) model (conf/translate.yaml + ARGS)
+	$(CLI) translate --config conf/translate.yaml $(ARGS)
+
+evaluate: setup ## chrF++ / spBLEU on FLORES-200 (conf/evaluate.yaml + ARGS)
+	$(CLI) evaluate --config conf/evaluate.yaml $(ARGS)

@@ -74,5 +74,22 @@ def format_description(info: dict[str, Any]) -> str:
         lines.append(f"  {name:<12} {slot['experts']:>4}  {slot['params'] / 1e6:,.2f}M")
     lines.append(f"tokenizer    {info['tokenizer'] or 'not found'}")
     if info.get("manifest"):
-        lines.append(f"manifest     {sorted(info['manifest'])}")
+        lines.extend(_manifest_lines(info["manifest"]))
     return "\n".join(lines)
+
+
+def _manifest_lines(manifest: dict[str, Any]) -> list[str]:
+    """An export's manifest: the directions it serves and the experts each one routes over."""
+    directions = manifest.get("directions") or {}
+    lines = [f"pruned       {manifest.get('num_experts_kept', '?')} experts kept ({manifest.get('created_by', 'unknown tool')})"]
+    index = manifest.get("index") or {}
+    if index:
+        lines.append(f"index        {index.get('file')} ({index.get('kind')}, sha256 {str(index.get('sha256'))[:16]})")
+    if manifest.get("selection"):
+        lines.append(f"selection    {', '.join(f'{k}={v}' for k, v in sorted(manifest['selection'].items()))}")
+    lines.append(f"directions   {len(directions)} (experts each routes over):")
+    for key in sorted(directions)[:40]:
+        lines.append(f"  {'any direction' if key == '*' else key:<24} {len(directions[key])}")
+    if len(directions) > 40:
+        lines.append(f"  ... and {len(directions) - 40} more")
+    return lines

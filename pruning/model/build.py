@@ -46,6 +46,12 @@ class NllbMoeForPruning(NllbMoeForConditionalGeneration):
     def expert_selection(self) -> ExpertSelection:
         return {(side, layer): moe.expert_ids for side, layer, moe in self.moe_layers()}
 
+    def set_direction(self, src: Optional[str], tgt: Optional[str] = None) -> None:
+        """Route over direction ``src-tgt``'s experts of an export's manifest; None clears (see pruning.manifest)."""
+        from pruning.manifest import set_direction
+
+        set_direction(self, src, tgt)
+
     def set_dispatch(self, name: str = "auto") -> str:
         """Choose the expert dispatch of every MoE layer (``auto`` | ``grouped`` | ``loop``); returns the choice."""
         weight = self.model.shared.weight

@@ -1,0 +1,83 @@
+"""nllb-prune evaluate --model DIR --data FLORES_DIR --split devtest (--pairs .. | --langs ..) --out scores.tsv"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pruning.config import ConfigError, add_dataclass_flags, resolve
+
+NAME = "evaluate"
+HELP = "Translate FLORES-200 directions and score chrF++ and spBLEU (sacrebleu); write the paper's per-direction TSV."
+
+
+@dataclass
+class EvaluateConfig:
+    """Flags of ``nllb-prune evaluate`` (keys of ``conf/evaluate.yaml``)."""
+
+    model: str = field(default="", metadata={"help": "model: a pruned export, an HF-layout directory or a fairseq checkpoint"})
+    data: str = field(default="", metadata={"help": "FLORES-200 directory (holding dev/ and devtest/, or flores200_dataset/)"})
+    split: str = field(default="devtest", metadata={"help": "FLORES split: dev or devtest"})
+    pairs: list[str] = field(default_factory=list, metadata={"help": "directions src-tgt, comma-separated"})
+    langs: list[str] = field(default_factory=list, metadata={"help": "evaluate every direction between these languages, comma-separated"})
+    out: str = field(default="", metadata={"help": "score file to write (TSV); hypotheses go to OUT_STEM.hyp/, the summary to OUT_STEM.summary.json"})
+    max_sentences: Optional[int] = field(default=None, metadata={"help": "score only the first N sentences of each direction"})
+    compare: Optional[str] = field(default=None, metadata={"help": "another score TSV (ours or the paper's): print per-direction and mean deltas"})
+    spm: str = field(default="flores200", metadata={"help": "spBLEU tokenizer: flores200 (SPM-200), flores101 (SPM-100) or none", "choices": ["flores200", "flores101", "none"]})
+    beam: int = field(default=4, metadata={"help": "beam size (1 = greedy)"})
+    max_length: int = field(default=200, metadata={"help": "most target tokens generated per sentence"})
+    batch_tokens: int = field(default=4096, metadata={"help": "most padded source tokens per batch"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
+    dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: the checkpoint's)", "choices": ["bf16", "fp16", "fp32"]})
+
+    def validate(self) -> None:
+        missing = [flag for flag, value in (("--model", self.model), ("--data", self.data), ("--out", self.out)) if not value]
+        if missing:
+            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
+        if bool(self.pairs) == bool(self.langs):
+            raise ConfigError("give exactly one of --pairs src-tgt,... and --langs L1,L2,...")
+        if self.max_sentences is not None and self.max_sentences < 1:
+            raise ConfigError(f"--max-sentences must be positive, got {self.max_sentences}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self.decoding().validate()
+
+    def decoding(self):  # noqa: ANN201 - DecodingOptions, imported lazily
+        from pruning.translate import DecodingOptions
+
+        return DecodingOptions(beam=self.beam, max_length=self.max_length, batch_tokens=self.batch_tokens)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_flags(parser, EvaluateConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pruning.evaluate import compare_scores, eval_directions, evaluate_model, read_scores
+    from pruning.translate import load_for_translation
+
+    config = resolve(EvaluateConfig, args)
+    directions = eval_directions(pairs=config.pairs, langs=config.langs)
+    other = read_scores(config.compare) if config.compare else None  # a bad file fails before any translation
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {message}\n"
+    model = load_for_translation(config.model, device=config.device, dtype=config.dtype)
+    result = evaluate_model(
+        model, config.data, config.out, directions=directions, split=config.split, max_sentences=config.max_sentences,
+        options=config.decoding(), spm=config.spm, model_path=config.model, progress=sys.stderr.isatty(),
+    )
+    mean = result.summary["mean"]
+    show = {k: ("NA" if v is None else f"{v:.2f}") for k, v in mean.items()}
+    print(f"mean over {len(result.scores)} direction(s): spBLEU {show['spBLEU']}  chrF++ {show['chrF++']}")
+    print(f"signature: {result.summary['signature']}")
+    for metric, signature in result.summary["sacrebleu_signatures"].items():
+        print(f"sacrebleu {metric}: {signature}")
+    print(f"wrote {result.tsv}, {result.summary_path}, hypotheses in {result.hypotheses}/")
+    if other is not None:
+        ours = read_scores(result.tsv)
+        print(f"compared with {config.compare}:")
+        for line in compare_scores(ours, other, what=str(config.compare)).lines():
+            print(line)
+    return 0

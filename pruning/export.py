@@ -1,0 +1,264 @@
+"""Export a pruned, single-GPU checkpoint: the dense part plus only the experts an index keeps.
+
+Export is :mod:`pruning.checkpoint.convert` with a filter. It reads either checkpoint layout (or an
+earlier export) and writes, in the HF layout our readers and ``load_model`` take:
+
+* ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``;
+* ``config.json`` (the unpruned model's config: global expert ids keep their meaning), tokenizer files;
+* ``pruning_manifest.json`` (:mod:`pruning.manifest`): the experts held per layer, the experts of each
+  exported direction, the index's sha256, the caller's selection record, the shards' sha256.
+
+Routers keep only the kept experts' rows, in increasing expert order (the order of
+``manifest["experts"]``), which is how :func:`pruning.model.loading.fill_weights` maps rows to the
+experts a checkpoint holds.
+
+Several directions (``--langs`` / ``--pairs``) keep the union of their experts; at translation time
+:func:`pruning.manifest.set_direction` routes each direction over its own experts only, so one GPU
+serves them all without reloading.
+
+Determinism: tensors are written in a fixed order of their canonical names (natural sort: layer 3
+before layer 11), the config carries no source path and the manifest nothing layout-specific, so
+the same index exported from the fairseq and the HF layout of one model gives byte-identical files.
+
+Memory: pruned experts are never read (skipped before loading). The writer holds at most one output
+shard (``max_shard_bytes``, default 4 GiB, below the largest input file of either released layout)
+plus the tensor being copied: peak memory is bounded by the shard size and the largest tensor, never
+by the model. The output is written to a temporary sibling directory and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from pruning.checkpoint import keymap
+from pruning.checkpoint.convert import copy_tokenizer, stream_entries, write_config
+from pruning.checkpoint.reader import CheckpointReader, Entry, open_checkpoint
+from pruning.checkpoint.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_directory
+from pruning.data.languages import check_code_form
+from pruning.errors import UserError
+from pruning.index import ExpertIndex, LayerExperts, experts_for_direction, read_index, validate_index, write_index
+from pruning.manifest import ANY_DIRECTION, build_manifest, direction_key, natural_key, sha256_file, write_manifest
+from pruning.topology import Topology
+
+Direction = tuple[str, str]
+CONFIG_DROP_KEYS = ("_name_or_path", "_commit_hash")
+"""Config keys that would tie an export to where its source was read from."""
+
+
+class ExportError(UserError):
+    """An export request cannot be met: unknown directions, experts the model lacks, bad flags."""
+
+
+# ---- which directions ------------------------------------------------------------------------------
+def parse_directions(
+    *,
+    src: Optional[str] = None,
+    tgt: Optional[str] = None,
+    langs: Sequence[str] = (),
+    pairs: Sequence[str] = (),
+) -> list[Direction]:
+    """``--src/--tgt`` (one direction), ``--langs`` (every ordered pair of distinct languages) or ``--pairs``.
+
+    At most one of the three forms; none gives ``[]`` (valid only for an index with one list for all).
+    """
+    forms = [flag for flag, given in (("--src/--tgt", src or tgt), ("--langs", langs), ("--pairs", pairs)) if given]
+    if len(forms) > 1:
+        raise ExportError(f"give one of --src/--tgt, --langs or --pairs, not {' and '.join(forms)}")
+    if src or tgt:
+        if not (src and tgt):
+            raise ExportError(f"--src and --tgt go together (got --src {src!r}, --tgt {tgt!r})")
+        out = [(src, tgt)]
+    elif langs:
+        unique = list(dict.fromkeys(langs))
+        if len(unique) < 2:
+            raise ExportError(f"--langs needs at least two languages to make directions, got {list(langs)}")
+        out = [(a, b) for a in unique for b in unique if a != b]
+    else:
+        out = []
+        for pair in pairs:
+            parts = pair.split("-")
+            if len(parts) != 2 or not all(parts):
+                raise ExportError(f"--pairs: {pair!r} is not a direction 'src-tgt' (e.g. fra_Latn-eng_Latn)")
+            out.append((parts[0], parts[1]))
+        out = list(dict.fromkeys(out))
+    for s, t in out:
+        check_code_form(s, what="source language")
+        check_code_form(t, what="target language")
+        if s == t:
+            raise ExportError(f"direction {s}-{t} translates a language into itself")
+    return out
+
+
+# ---- which experts ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """The experts an export holds (``union``) and the experts each direction routes over."""
+
+    directions: dict[str, LayerExperts]
+    """``"src-tgt"`` (or ``"*"`` for an index of one list) -> ``{(side, layer): expert indices}``."""
+    union: LayerExperts
+    topology: Topology
+
+    def global_ids(self, key: str) -> list[int]:
+        return sorted(self.topology.global_id(side, layer, e) for (side, layer), ids in self.directions[key].items() for e in ids)
+
+
+def plan_export(index: ExpertIndex, topology: Topology, directions: Sequence[Direction], *, what: str = "expert index") -> ExportPlan:
+    """Resolve ``directions`` against ``index`` (every MoE layer must keep at least one expert)."""
+    validate_index(index, topology, min_per_layer=1, what=what)
+    per_direction: dict[str, LayerExperts] = {}
+    if not directions:
+        if index.kind != "all":
+            raise ExportError(
+                f"{what} has one entry per {'language' if index.kind == 'lang' else 'direction'}: say which directions "
+                f"to export with --src/--tgt, --langs or --pairs (it has {len(index.keys)} entries: "
+                f"{', '.join(index.keys[:10])}{' ...' if len(index.keys) > 10 else ''})"
+            )
+        per_direction[ANY_DIRECTION] = experts_for_direction(index, "*", "*", topology)
+    for src, tgt in directions:
+        per_direction[direction_key(src, tgt)] = experts_for_direction(index, src, tgt, topology)
+    union: LayerExperts = {(side, layer): [] for _, side, layer in topology.iter_moe_layers()}
+    for experts in per_direction.values():
+        for slot, ids in experts.items():
+            if not ids:
+                raise ExportError(f"{what}: a direction keeps no expert in {slot[0]} layer {slot[1]}")
+            union[slot] = sorted(set(union[slot]) | set(ids))
+    return ExportPlan(per_direction, union, topology)
+
+
+def check_available(plan: ExportPlan, reader: CheckpointReader) -> None:
+    """Every kept expert must be held by the source checkpoint (an export holds only its own)."""
+    present = reader.present_experts()
+    problems = []
+    for (side, layer), ids in plan.union.items():
+        held = present.get((side, layer), [])
+        lacking = sorted(set(ids) - set(held))
+        if lacking:
+            problems.append(f"{side} layer {layer}: expert(s) {lacking[:8]}{' ...' if len(lacking) > 8 else ''} (it holds {len(held)})")
+    if problems:
+        pruned = " (it is itself a pruned export)" if reader.manifest is not None else ""
+        raise ExportError(
+            f"the expert index keeps experts that the model at {reader.path}{pruned} does not hold: " + "; ".join(problems[:6])
+            + (f"; and {len(problems) - 6} more layer(s)" if len(problems) > 6 else "")
+        )
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def _ordered(reader: CheckpointReader) -> CheckpointReader:
+    """The same reader, its entries in canonical-name order (independent of the source layout)."""
+    return dataclasses.replace(reader, _entries=sorted(reader.entries(), key=lambda e: natural_key(e.name)))
+
+
+def _router_rows(reader: CheckpointReader, union: LayerExperts) -> dict[tuple[str, int], torch.Tensor]:
+    """Rows of each source router to keep: the source holds ``present`` experts, row i = present[i]."""
+    present = reader.present_experts()
+    rows = {}
+    for slot, ids in union.items():
+        row_of = {e: i for i, e in enumerate(present[slot])}
+        rows[slot] = torch.tensor([row_of[e] for e in ids], dtype=torch.long)
+    return rows
+
+
+def export_checkpoint(
+    model: str | Path,
+    experts: str | Path | ExpertIndex,
+    out: str | Path,
+    *,
+    directions: Sequence[Direction] = (),
+    dtype: Optional[torch.dtype] = torch.bfloat16,
+    overwrite: bool = False,
+    max_shard_bytes: Optional[int] = None,
+    selection: Optional[Mapping[str, Any]] = None,
+    index_file: Optional[str | Path] = None,
+    progress: bool = True,
+) -> Path:
+    """Write a pruned export of ``model`` keeping the experts ``experts`` gives ``directions``.
+
+    ``experts`` is an index file (``experts.json``) or an :class:`ExpertIndex`; in the latter case the
+    index is also written into the export as ``experts.json`` (and ``index_file`` is ignored).
+    ``dtype`` None keeps the source's. ``selection`` is recorded as is in the manifest.
+    """
+    from pruning import __version__
+
+    reader = open_checkpoint(model)
+    out = Path(out)
+    if Path(model).resolve() == out.resolve():
+        raise ExportError(f"--out {out} is the source checkpoint itself")
+    index, index_info = _index_and_info(experts)
+    plan = plan_export(index, reader.topology, directions, what=index_info["file"] or "expert index")
+    check_available(plan, reader)
+    keep = {slot: set(ids) for slot, ids in plan.union.items()}
+    rows = _router_rows(reader, plan.union)
+    target_dtype = dtype or reader.dtype
+
+    def skip(entry: Entry) -> bool:
+        key = keymap.parse_expert_key(entry.name)
+        return key is not None and key.expert not in keep[(key.side, key.layer)]
+
+    def transform(entry: Entry, tensor: torch.Tensor) -> torch.Tensor:
+        router = keymap.parse_router_key(entry.name)
+        return tensor if router is None else tensor[rows[router]]  # [kept, D]
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, max_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
+        stream_entries(_ordered(reader), writer, dtype=target_dtype, transform=transform, skip=skip, progress=progress, desc="exporting")
+        shards = writer.close()
+        write_config(_clean_config(reader.config), tmp, dtype=target_dtype)
+        copy_tokenizer(reader, tmp)
+        if isinstance(experts, ExpertIndex):
+            write_index(index, tmp / "experts.json")
+            index_info = {**index_info, "file": "experts.json", "sha256": sha256_file(tmp / "experts.json")}
+        manifest = build_manifest(
+            topology=reader.topology,
+            dtype=target_dtype,
+            union=plan.union,
+            directions={key: plan.global_ids(key) for key in plan.directions},
+            index_info=index_info,
+            selection=selection,
+            weights={shard.name: sha256_file(shard) for shard in shards},
+            version=__version__,
+        )
+        write_manifest(tmp, manifest)
+    return out
+
+
+def _index_and_info(experts: str | Path | ExpertIndex) -> tuple[ExpertIndex, dict[str, Any]]:
+    if isinstance(experts, ExpertIndex):
+        return experts, {"file": None, "sha256": None, "kind": experts.kind}
+    path = Path(experts)
+    index = read_index(path)
+    return index, {"file": path.name, "sha256": sha256_file(path), "kind": index.kind}
+
+
+def _clean_config(config: Any) -> Any:
+    """A copy of ``config`` without the keys that name where it was read from."""
+    clean = type(config).from_dict({k: v for k, v in config.to_dict().items() if k not in CONFIG_DROP_KEYS})
+    clean._name_or_path = ""
+    return clean
+
+
+def directions_of(manifest: Mapping[str, Any]) -> list[str]:
+    """Direction keys an export serves (``"*"``: any direction)."""
+    return sorted(manifest.get("directions", {}))
+
+
+def summarize(out: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """A few lines for the terminal after an export."""
+    dirs = directions_of(manifest)
+    shown = ", ".join(dirs[:6]) + (f" ... ({len(dirs)} in all)" if len(dirs) > 6 else "")
+    per_layer = " ".join(f"{k.replace('encoder.', 'enc').replace('decoder.', 'dec')}:{len(v)}" for k, v in manifest["experts"].items())
+    return [
+        f"wrote {out}",
+        f"experts kept: {manifest['num_experts_kept']} of {Topology.from_dict(manifest['topology']).num_total_experts} ({per_layer})",
+        f"directions: {shown}",
+        f"dtype: {manifest['dtype']}, weights: {len(manifest['weights'])} shard(s)",
+    ]
+
+
+def iter_languages(directions: Iterable[Direction]) -> list[str]:
+    return sorted({lang for pair in directions for lang in pair})

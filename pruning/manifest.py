@@ -1,0 +1,236 @@
+"""``pruning_manifest.json``: what a pruned export holds and which experts each direction may use.
+
+Written by :mod:`pruning.export` into every export; read back by :func:`pruning.load_model` (as
+``model.manifest``) and by :func:`set_direction`. Fields (format version 1):
+
+* ``format``, ``format_version``, ``created_by`` (``nllb-prune <version>``);
+* ``topology``: the *unpruned* model's shape (:meth:`Topology.to_dict`): global expert ids stay those
+  of the full model (the paper's convention), so an export's ids can be compared with any index;
+* ``dtype``: storage dtype of the weights (routers are always fp32);
+* ``experts``: ``{"encoder.3": [expert indices], ...}`` the experts held per MoE layer, sorted; the
+  router of each layer stores exactly these rows, in this order;
+* ``num_experts_kept``: their total;
+* ``directions``: ``{"src-tgt": [global ids]}`` the experts each exported direction routes over
+  (a subset of ``experts``); ``{"*": [...]}`` when one list serves every direction;
+* ``languages``: the languages of the directions, sorted;
+* ``index``: ``{"file": name, "sha256": digest of the file's bytes, "kind": "all"|"pair"|"lang"}``
+  of the expert index the export was cut from (``file`` is a base name: no source paths);
+* ``selection``: what the caller recorded about how the index was chosen (``nllb-prune prune``: the
+  selection flags and the statistics file's name and sha256); ``{}`` when unknown;
+* ``weights``: ``{shard file name: sha256}``, so the manifest's own digest identifies the weights.
+
+Nothing in it depends on the source checkpoint's layout or path: exports of one index from the
+fairseq and the HF layout of the same model are byte-identical, manifest included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+
+from pruning.errors import UserError
+from pruning.topology import Side, Topology
+
+MANIFEST_NAME = "pruning_manifest.json"
+FORMAT = "nllb-prune/export"
+FORMAT_VERSION = 1
+ANY_DIRECTION = "*"
+
+LayerExperts = dict[tuple[Side, int], list[int]]
+
+
+class ManifestError(UserError):
+    """An export's manifest is malformed, or does not serve the requested direction."""
+
+
+# ---- names ---------------------------------------------------------------------------------------
+def layer_name(side: str, layer: int) -> str:
+    return f"{side}.{layer}"
+
+
+def parse_layer_name(name: str) -> tuple[Side, int]:
+    match = re.fullmatch(r"(encoder|decoder)\.(\d+)", name)
+    if match is None:
+        raise ManifestError(f"manifest layer key {name!r} is not of the form 'encoder.N' or 'decoder.N'")
+    return match.group(1), int(match.group(2))  # type: ignore[return-value]
+
+
+def direction_key(src: str, tgt: str) -> str:
+    return f"{src}-{tgt}"
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort key that orders numbers by value: ``layers.3`` before ``layers.11``, ``expert_2`` before ``expert_10``."""
+    return tuple((1, int(part)) if part.isdigit() else (0, part) for part in re.split(r"(\d+)", name))
+
+
+# ---- digests -------------------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike[str], *, chunk: int = 2**24) -> str:
+    """Hex sha256 of a file, read in chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def dumps(manifest: Mapping[str, Any]) -> str:
+    """Deterministic JSON: keys in natural order (``encoder.3`` before ``encoder.11``), 2-space indent,
+    lists of scalars on one line."""
+    return _dump(manifest, 0) + "\n"
+
+
+def _dump(value: Any, depth: int) -> str:
+    pad, inner = "  " * depth, "  " * (depth + 1)
+    if isinstance(value, Mapping):
+        if not value:
+            return "{}"
+        items = [f"{inner}{json.dumps(str(k), ensure_ascii=False)}: {_dump(value[k], depth + 1)}" for k in sorted(value, key=lambda k: natural_key(str(k)))]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(value, (list, tuple)):
+        if all(not isinstance(v, (Mapping, list, tuple)) for v in value):
+            return json.dumps(list(value), ensure_ascii=False)
+        return "[\n" + ",\n".join(inner + _dump(v, depth + 1) for v in value) + "\n" + pad + "]"
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
+    """Write ``directory/pruning_manifest.json`` through a temporary name and a rename."""
+    path = Path(directory) / MANIFEST_NAME
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(dumps(manifest), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def build_manifest(
+    *,
+    topology: Topology,
+    dtype: torch.dtype,
+    union: LayerExperts,
+    directions: Mapping[str, Iterable[int]],
+    index_info: Mapping[str, Any],
+    selection: Optional[Mapping[str, Any]],
+    weights: Mapping[str, str],
+    version: str,
+) -> dict[str, Any]:
+    langs = sorted({lang for key in directions if key != ANY_DIRECTION for lang in key.split("-")})
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"nllb-prune {version}",
+        "topology": topology.to_dict(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "experts": {layer_name(side, layer): sorted(ids) for (side, layer), ids in union.items()},
+        "num_experts_kept": sum(len(ids) for ids in union.values()),
+        "directions": {key: sorted(ids) for key, ids in sorted(directions.items())},
+        "languages": langs,
+        "index": dict(index_info),
+        "selection": dict(selection or {}),
+        "weights": dict(sorted(weights.items())),
+    }
+
+
+# ---- reading -------------------------------------------------------------------------------------
+def read_manifest(directory: str | os.PathLike[str]) -> Optional[dict[str, Any]]:
+    """The manifest of an export directory, or None when there is none (a full model)."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not a readable JSON manifest ({exc})") from exc
+    check_manifest(data, what=str(path))
+    return data
+
+
+def check_manifest(data: Any, *, what: str = MANIFEST_NAME) -> None:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ManifestError(f"{what}: not an nllb-prune export manifest (format {found!r}, expected {FORMAT!r})")
+    if int(data.get("format_version", -1)) > FORMAT_VERSION:
+        raise ManifestError(f"{what}: format version {data['format_version']}, this toolkit reads <= {FORMAT_VERSION}")
+    for key in ("topology", "experts", "directions"):
+        if not isinstance(data.get(key), dict):
+            raise ManifestError(f"{what}: missing or malformed {key!r}")
+
+
+def manifest_topology(manifest: Mapping[str, Any]) -> Topology:
+    return Topology.from_dict(dict(manifest["topology"]))
+
+
+def served_directions(manifest: Mapping[str, Any]) -> list[str]:
+    return sorted(manifest.get("directions", {}))
+
+
+def direction_experts(manifest: Mapping[str, Any], src: str, tgt: str) -> LayerExperts:
+    """``{(side, layer): sorted expert indices}`` that direction ``src-tgt`` routes over."""
+    directions = manifest["directions"]
+    key = direction_key(src, tgt)
+    if key in directions:
+        ids = directions[key]
+    elif ANY_DIRECTION in directions:
+        ids = directions[ANY_DIRECTION]
+    else:
+        known = sorted(directions)
+        shown = ", ".join(known[:20]) + (f" ... ({len(known)} in all)" if len(known) > 20 else "")
+        raise ManifestError(
+            f"direction {key!r} is not served by this export; it serves: {shown} "
+            f"(export again with the directions you need, e.g. --langs {src},{tgt})"
+        )
+    topology = manifest_topology(manifest)
+    out: LayerExperts = {(side, layer): [] for _, side, layer in topology.iter_moe_layers()}
+    for gid in ids:
+        ref = topology.expert_ref(int(gid))
+        out[(ref.side, ref.layer)].append(ref.expert)
+    return {key: sorted(value) for key, value in out.items()}
+
+
+def set_direction(model: Any, src: Optional[str], tgt: Optional[str] = None) -> None:
+    """Route every MoE layer of ``model`` over direction ``src-tgt``'s own experts only.
+
+    Uses ``model.manifest`` (an export's manifest, set by :func:`pruning.load_model`): each layer's
+    ``router.active`` becomes a [E] bool mask over the experts the layer holds, or None when the
+    direction uses all of them. ``set_direction(model, None)`` clears every mask. A model without a
+    manifest (a full checkpoint) is left routing over everything it holds.
+    """
+    layers = list(model.moe_layers())
+    if src is None:
+        for _, _, moe in layers:
+            moe.router.active = None
+        return
+    if tgt is None:
+        raise ManifestError("set_direction needs both the source and the target language (or None to clear)")
+    manifest = getattr(model, "manifest", None)
+    if not manifest:
+        for _, _, moe in layers:
+            moe.router.active = None
+        return
+    wanted = direction_experts(manifest, src, tgt)
+    for side, layer, moe in layers:
+        held = moe.expert_ids
+        keep = set(wanted.get((side, layer), []))
+        lacking = sorted(keep - set(held))
+        if lacking:
+            raise ManifestError(
+                f"the manifest gives direction {src}-{tgt} expert(s) {lacking[:10]} in {side} layer {layer}, "
+                f"which the loaded model does not hold (it holds {held[:10]}...)"
+            )
+        if not keep:
+            raise ManifestError(f"the manifest gives direction {src}-{tgt} no expert in {side} layer {layer}")
+        if keep == set(held):
+            moe.router.active = None
+        else:
+            moe.router.active = torch.tensor([e in keep for e in held], dtype=torch.bool, device=moe.router.weight.device)

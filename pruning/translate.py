@@ -1,0 +1,144 @@
+"""Translate with an NLLB-MoE model (full, or a pruned export): batching, decoding, direction routing.
+
+* The source is tokenised by the NLLB tokenizer with ``src_lang`` (``[src_code] tokens </s>``); the
+  target is forced to start with the target language code (``forced_bos_token_id``).
+* Sentences are sorted by length (longest first) and cut into batches of at most ``batch_tokens``
+  padded source tokens (at least one sentence per batch); outputs come back in input order.
+* Blank input lines give blank output lines without running the model.
+* A pruned export serving several directions routes each direction over its own experts
+  (:func:`set_direction`, from the export's manifest) before translating it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from pruning.errors import UserError
+from pruning.manifest import set_direction
+
+__all__ = ["DecodingOptions", "TranslateError", "make_batches", "set_direction", "translate_sentences"]
+
+
+class TranslateError(UserError):
+    """A translation request cannot be met: unknown language code, no tokenizer, bad options."""
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """Decoding settings; each is a flag of ``nllb-prune translate`` / ``evaluate``."""
+
+    beam: int = 4
+    """Beam size (1 = greedy)."""
+    max_length: int = 200
+    """Most target tokens generated per sentence (the forced language code not counted)."""
+    batch_tokens: int = 4096
+    """Most padded source tokens per batch (sentences count x longest sentence)."""
+
+    def validate(self) -> None:
+        for flag, value in (("--beam", self.beam), ("--max-length", self.max_length), ("--batch-tokens", self.batch_tokens)):
+            if value < 1:
+                raise TranslateError(f"{flag} must be a positive integer, got {value}")
+
+    def signature(self) -> str:
+        return f"beam:{self.beam}|max_new_tokens:{self.max_length}|batch_tokens:{self.batch_tokens}|sampling:no"
+
+
+def make_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into batches: longest first, each batch's count x longest <= ``batch_tokens``.
+
+    A sentence longer than ``batch_tokens`` gets a batch of its own. Ties keep input order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        candidate = max(longest, lengths[i])
+        if current and candidate * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, candidate = [], lengths[i]
+        current.append(i)
+        longest = candidate
+    if current:
+        batches.append(current)
+    return batches
+
+
+def language_token_id(tokenizer: Any, code: str, *, flag: str) -> int:
+    """The tokenizer's id of language code ``code``; a clear error when it does not know the code."""
+    token_id = tokenizer.convert_tokens_to_ids(code)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        from pruning.data.languages import nllb_codes
+
+        known = [c for c in nllb_codes() if tokenizer.convert_tokens_to_ids(c) != tokenizer.unk_token_id]
+        close = [c for c in known if c[:3] == code[:3]]
+        hint = f" (did you mean {', '.join(close[:4])}?)" if close else ""
+        raise TranslateError(f"{flag} {code!r} is not a language code of this model's tokenizer{hint}; it knows {len(known)} codes, e.g. {', '.join(known[:8])}")
+    return int(token_id)
+
+
+def translate_sentences(
+    model: Any,
+    sentences: Sequence[str],
+    *,
+    src: str,
+    tgt: str,
+    options: DecodingOptions = DecodingOptions(),
+    tokenizer: Any = None,
+    progress: bool = False,
+) -> list[str]:
+    """Translate ``sentences`` from ``src`` to ``tgt``; returns one line per input line, in input order."""
+    options.validate()
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise TranslateError("the model has no tokenizer: put sentencepiece.bpe.model or tokenizer_config.json beside its weights")
+    language_token_id(tokenizer, src, flag="--src")
+    tgt_id = language_token_id(tokenizer, tgt, flag="--tgt")
+    if hasattr(model, "moe_layers"):
+        set_direction(model, src, tgt)
+    tokenizer.src_lang = src
+    todo = [i for i, s in enumerate(sentences) if s.strip()]
+    encoded = tokenizer([sentences[i] for i in todo], add_special_tokens=True)["input_ids"] if todo else []
+    outputs = [""] * len(sentences)
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(sentences), desc=f"{src}-{tgt}", unit="sent", disable=not progress)
+    bar.update(len(sentences) - len(todo))
+    with torch.inference_mode():
+        for batch in make_batches([len(ids) for ids in encoded], batch_tokens=options.batch_tokens):
+            padded = tokenizer.pad({"input_ids": [encoded[j] for j in batch]}, return_tensors="pt")
+            generated = model.generate(
+                input_ids=padded["input_ids"].to(device),
+                attention_mask=padded["attention_mask"].to(device),
+                forced_bos_token_id=tgt_id,
+                num_beams=options.beam,
+                max_new_tokens=options.max_length,
+                do_sample=False,
+            )  # [batch, <= 1 + 1 + max_length]: decoder start, target code, tokens
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            for j, text in zip(batch, texts):
+                outputs[todo[j]] = text.replace("\n", " ")
+            bar.update(len(batch))
+    bar.close()
+    return outputs
+
+
+def load_for_translation(path: str, *, device: str = "auto", dtype: Optional[str] = None) -> Any:
+    """``load_model`` with a translation-friendly device default (``auto``: CUDA when available)."""
+    from pruning.model.loading import load_model, resolve_device
+
+    return load_model(path, device=resolve_device(device), dtype=dtype)
+
+
+def device_name(model: Any) -> str:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def dtype_name(model: Any) -> str:
+    return str(model.model.shared.weight.dtype).replace("torch.", "")

@@ -1,0 +1,65 @@
+"""Helpers for the export / translate / evaluate tests: expert indices, FLORES-layout dirs, sacrebleu's SPM."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from pruning.index import ExpertIndex, write_index
+from pruning.topology import Topology
+from tests import fixtures
+
+LANGS = ("fra_Latn", "deu_Latn", "eng_Latn")
+
+
+def lang_index(topology: Topology, langs=LANGS, *, enc: int = 6, dec: int = 4, seed: int = 0) -> ExpertIndex:
+    """A per-language index: ``enc`` random experts in every encoder MoE layer, ``dec`` in every decoder one."""
+    generator = torch.Generator().manual_seed(seed)
+    entries = {}
+    for lang in langs:
+        ids = []
+        for _, side, layer in topology.iter_moe_layers():
+            k = enc if side == "encoder" else dec
+            chosen = torch.randperm(topology.num_experts, generator=generator)[:k].tolist()
+            ids += [topology.global_id(side, layer, e) for e in chosen]
+        entries[lang] = ids
+    return ExpertIndex.from_entries("lang", entries)
+
+
+def write_lang_index(path: Path, topology: Topology, langs=LANGS, **kwargs) -> Path:
+    return write_index(lang_index(topology, langs, **kwargs), path)
+
+
+def expected_direction_experts(index: ExpertIndex, topology: Topology, src: str, tgt: str) -> dict[tuple[str, int], list[int]]:
+    """Straight from the paper's convention: the source's encoder ids and the target's decoder ids."""
+    out: dict[tuple[str, int], list[int]] = {(side, layer): [] for _, side, layer in topology.iter_moe_layers()}
+    n_enc_ids = len(topology.moe_layers("encoder")) * topology.num_experts
+    for gid in index.entries[src]:
+        if gid < n_enc_ids:
+            out[topology.moe_slot(gid // topology.num_experts)].append(gid % topology.num_experts)
+    for gid in index.entries[tgt]:
+        if gid >= n_enc_ids:
+            out[topology.moe_slot(gid // topology.num_experts)].append(gid % topology.num_experts)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def flores_dir(root: Path, langs=LANGS, *, lines: int = 6) -> Path:
+    """A FLORES-200 layout dir (dev/, devtest/), line-aligned across languages (random words per language)."""
+    for split_number, split in enumerate(("dev", "devtest")):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for lang_number, lang in enumerate(langs):
+            text = fixtures.sentences(lines, seed=100 * split_number + lang_number)
+            (root / split / f"{lang}.{split}").write_text("\n".join(text) + "\n", encoding="utf-8")
+    return root
+
+
+def install_fake_sacrebleu_spm(sacrebleu_dir: Path, *, name: str = "flores200sacrebleuspm") -> Path:
+    """A small SentencePiece model where sacrebleu looks for FLORES-200's (the real one cannot be downloaded here)."""
+    models = sacrebleu_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    spm = fixtures.make_spm(sacrebleu_dir / "train")
+    target = models / name
+    shutil.copyfile(spm, target)
+    return target
