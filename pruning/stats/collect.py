@@ -1,0 +1,627 @@
+"""Collect routing statistics: hooks on every MoE layer, teacher forcing or beam search, over FLORES directions.
+
+Dimension legend: B sentences in a batch, S source length, L target (label) length, T tokens routed by
+one layer call, R router rows of the layer (its kept experts), E experts of the unpruned layer,
+C = 6 per-expert counters (:data:`ROW_COUNTERS`), Ls MoE layers of a side.
+
+Token conventions (docs/statistics.md):
+- encoder input: the NLLB tokenizer's ``[src_lang] tokens </s>``; every non-padding position counts
+  for the source language (``enc``);
+- decoder labels: ``[tgt_lang] tokens </s>``; decoder input: the labels shifted right behind
+  ``decoder_start_token_id`` (``</s>``): ``[</s>, tgt_lang] tokens``; one position per label, every one
+  of them counts for the target language (``dec``); padding never counts (``decoder_attention_mask``);
+- beam mode: the hypothesis beam search returns, ``[tgt_lang] tokens </s>`` (cut after its first
+  ``</s>``), is run through the model with teacher forcing like a reference, so its routing is counted
+  exactly once per position; the routing inside the search (discarded beams, cached steps) is not counted.
+
+Counters are computed in the hook with a few vectorised ops per layer call and accumulated on the
+model's device in float64; they move to the CPU once per direction (:meth:`RoutingCollector.take`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from pruning.config import ConfigError
+from pruning.model.moe import MoeLayer, Routing
+from pruning.stats.counters import BASE_COUNTERS, RoutingStats, StatsError, direction_key, split_direction
+from pruning.topology import SHORT_SIDE
+
+ROW_COUNTERS = ("top1", "top2", "gate", "conf1", "conf2", "rank")
+"""The per-expert counters, in the row order of the accumulators ([Ls, C, E]); ``tokens`` is kept apart."""
+assert set(ROW_COUNTERS) | {"tokens"} == set(BASE_COUNTERS)
+
+MODES = ("teacher", "beam")
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "output_router_logits", "architectures"}
+
+
+# ---- counters of one layer call ------------------------------------------------------------------
+def routing_counters(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counters of one MoE layer call, per router row: ``([C, R] float64, tokens [] float64)``.
+
+    Over the real (non-padding) tokens: top1/top2 = times the row is the router's 1st/2nd choice;
+    gate = sum of its gate probability; conf1/conf2 = sum of its probability where 1st/2nd; rank = sum
+    of its rank, 1 = the router's 1st choice, 2 = its 2nd, then by decreasing logit (ties: lower row
+    first). Rows the router may not choose (logit -inf: inactive for the direction) get no rank and no
+    probability. A layer with a single available expert makes no 2nd choice. Capacity dropping does not
+    change these counters (the router's choices are counted; at eval capacity nothing is dropped).
+    """
+    logits = routing.logits  # [T, R] fp32
+    num_rows = logits.shape[1]
+    real = routing.token_mask.to(torch.float64)  # [T]
+    probs = routing.probs.to(torch.float64)  # [T, R]
+    first, second = routing.expert_idx[:, 0], routing.expert_idx[:, 1]  # [T], [T]
+    available = (logits > float("-inf")).any(dim=0)  # [R]
+    real2 = real * (available.sum() >= 2).to(torch.float64)  # [T]: tokens that have a 2nd choice
+
+    zeros = torch.zeros(num_rows, dtype=torch.float64, device=logits.device)
+    top1 = zeros.index_add(0, first, real)  # [R]
+    top2 = zeros.index_add(0, second, real2)
+    gate = real @ probs  # [R]
+    conf1 = zeros.index_add(0, first, probs.gather(1, first[:, None])[:, 0] * real)
+    conf2 = zeros.index_add(0, second, probs.gather(1, second[:, None])[:, 0] * real2)
+
+    # rank order: 1st choice, 2nd choice, then decreasing logit; the 1st choice is written last so it wins
+    key = logits.scatter(1, second[:, None], torch.finfo(logits.dtype).max)
+    key = key.scatter(1, first[:, None], float("inf"))  # [T, R]
+    order = key.argsort(dim=1, descending=True, stable=True)  # [T, R]: rows from rank 1 to rank R
+    position = torch.arange(1, num_rows + 1, dtype=torch.float64, device=logits.device)  # [R]
+    rank = zeros.index_add(0, order.reshape(-1), (real[:, None] * position).reshape(-1))  # [R]
+    rank = rank * available
+    return torch.stack([top1, top2, gate, conf1, conf2, rank]), real.sum()
+
+
+# ---- the collector -----------------------------------------------------------------------------
+class RoutingCollector:
+    """Forward hooks on every :class:`MoeLayer` of a model, accumulating counters while :attr:`enabled`.
+
+    Counters are indexed by the ORIGINAL expert index (``Routing.expert_ids``), so a pruned model's
+    counters still have E columns. The hooks only read the layer's output; they never change it.
+    """
+
+    def __init__(self, model: Any, *, num_experts: int):
+        self.num_experts = num_experts
+        self.enabled = True
+        self._handles = []
+        self._layers: dict[str, list[MoeLayer]] = {"enc": [], "dec": []}
+        for side, _, moe in model.moe_layers():
+            short = SHORT_SIDE[side]
+            row = len(self._layers[short])
+            self._layers[short].append(moe)
+            self._handles.append(moe.register_forward_hook(self._hook(short, row)))
+        self._acc: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, torch.Tensor] = {}
+        self.reset()
+
+    def _hook(self, side: str, row: int):  # noqa: ANN202 - a forward hook
+        def hook(module: MoeLayer, inputs: Any, output: Any) -> None:
+            if not self.enabled:
+                return
+            routing: Routing = output[1]
+            counters, tokens = routing_counters(routing)  # [C, R], []
+            acc = self._accumulator(side, counters.device)
+            acc[row].index_add_(1, routing.expert_ids.to(counters.device), counters)  # [C, E] += [C, R] by id
+            self._tokens[side][row] += tokens
+
+        return hook
+
+    def _accumulator(self, side: str, device: torch.device) -> torch.Tensor:
+        acc = self._acc[side]
+        if acc.device != device:
+            self._acc[side] = acc = acc.to(device)
+            self._tokens[side] = self._tokens[side].to(device)
+        return acc
+
+    def reset(self) -> None:
+        for side, layers in self._layers.items():
+            device = layers[0].router.weight.device if layers else torch.device("cpu")
+            # [Ls, C, E] and [Ls], float64 on the model's device
+            self._acc[side] = torch.zeros(len(layers), len(ROW_COUNTERS), self.num_experts, dtype=torch.float64, device=device)
+            self._tokens[side] = torch.zeros(len(layers), dtype=torch.float64, device=device)
+
+    def flat(self) -> torch.Tensor:
+        """Every accumulator as one float64 vector on the device (for an all-reduce); see :meth:`unflatten`."""
+        return torch.cat([t.reshape(-1) for side in ("enc", "dec") for t in (self._acc[side], self._tokens[side])])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """``{side: {counter: CPU float64 tensor}}`` from a vector laid out like :meth:`flat`."""
+        flat = flat.detach().to("cpu", torch.float64)
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        start = 0
+        for side in ("enc", "dec"):
+            acc_shape, n_layers = self._acc[side].shape, self._tokens[side].shape[0]
+            acc = flat[start : start + acc_shape.numel()].reshape(acc_shape)  # [Ls, C, E]
+            start += acc_shape.numel()
+            tokens = flat[start : start + n_layers]  # [Ls]
+            start += n_layers
+            if n_layers == 0:
+                continue
+            out[side] = {name: acc[:, i].clone() for i, name in enumerate(ROW_COUNTERS)}
+            out[side]["tokens"] = tokens.clone()
+        return out
+
+    def take(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The counters so far (moved to the CPU once), then reset."""
+        out = self.unflatten(self.flat())
+        self.reset()
+        return out
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Sentences of one direction, tokenized and padded (right)."""
+
+    input_ids: torch.Tensor
+    """[B, S] ``[src_lang] tokens </s>`` then padding."""
+    attention_mask: torch.Tensor
+    """[B, S] 1 for real source tokens."""
+    labels: Optional[list[list[int]]]
+    """Per sentence ``[tgt_lang] tokens </s>`` (teacher mode), or None (beam mode)."""
+    sentences: list[int]
+    """Line numbers (0-based) of the sentences in the FLORES files."""
+
+
+def encode(tokenizer: Any, texts: list[str], *, lang: str, target: bool) -> list[list[int]]:
+    """Token ids of ``texts``: ``[lang] tokens </s>`` for the source or (``target``) the labels."""
+    if target:
+        tokenizer.tgt_lang = lang
+        return tokenizer(text_target=texts, add_special_tokens=True)["input_ids"]
+    tokenizer.src_lang = lang
+    return tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+
+def pad(sequences: list[list[int]], *, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, max len] and mask [B, max len]."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+def decoder_inputs(labels: list[list[int]], *, start_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher forcing: labels shifted right behind ``start_id``; mask = one real position per label."""
+    label_ids, mask = pad(labels, pad_id=pad_id)  # [B, L]
+    inputs = torch.cat([torch.full_like(label_ids[:, :1], start_id), label_ids[:, :-1]], dim=1)  # [B, L]
+    inputs = inputs.masked_fill(mask == 0, pad_id)
+    return inputs, mask
+
+
+def make_batches(
+    sources: list[list[int]], labels: Optional[list[list[int]]], *, batch_tokens: int, pad_id: int
+) -> list[Batch]:
+    """Group sentences (longest first) so that ``B * max(longest source, longest label) <= batch_tokens``.
+
+    A sentence longer than ``batch_tokens`` gets a batch of its own. The grouping depends only on the
+    lengths, never on the number of processes.
+    """
+    def size(i: int) -> int:
+        return max(len(sources[i]), len(labels[i]) if labels is not None else 0)
+
+    order = sorted(range(len(sources)), key=lambda i: (-size(i), i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * size(groups[-1][0]) <= batch_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    batches = []
+    for group in groups:
+        ids, mask = pad([sources[i] for i in group], pad_id=pad_id)
+        batches.append(Batch(ids, mask, [labels[i] for i in group] if labels is not None else None, group))
+    return batches
+
+
+def hypothesis_labels(sequences: torch.Tensor, *, eos_id: int) -> list[list[int]]:
+    """Labels ``[tgt_lang] tokens </s>`` of generated sequences ``[start, tgt_lang, tokens, </s>, pad..]``."""
+    labels = []
+    for row in sequences.tolist():
+        body = row[1:]
+        end = next((i for i in range(1, len(body)) if body[i] == eos_id), len(body) - 1)
+        labels.append(body[: end + 1])
+    return labels
+
+
+# ---- options -----------------------------------------------------------------------------------
+@dataclass
+class StatsOptions:
+    """What ``nllb-prune stats`` collects; each field is a flag and a key of ``conf/collect_stats.yaml``."""
+
+    model: str = field(default="", metadata={"help": "checkpoint: HF-layout directory, fairseq checkpoint, or a pruned export"})
+    data: str = field(default="", metadata={"help": "FLORES-200 directory (holding dev/ and devtest/, or flores200_dataset/)"})
+    split: str = field(default="dev", metadata={"help": "FLORES split: dev or devtest"})
+    langs: list[str] = field(default_factory=list, metadata={"help": "languages, comma-separated: every direction among them"})
+    pairs: list[str] = field(default_factory=list, metadata={"help": "directions src-tgt, comma-separated"})
+    lang: str = field(default="", metadata={"help": "one language: the directions into and out of it against --partners"})
+    partners: list[str] = field(default_factory=list, metadata={"help": "partner languages for --lang, comma-separated"})
+    mode: str = field(default="teacher", metadata={"help": "teacher (forcing the reference) or beam (count the beam-search hypothesis)", "choices": MODES})
+    beam: int = field(default=4, metadata={"help": "beam size for --mode beam"})
+    max_new_tokens: int = field(default=256, metadata={"help": "longest hypothesis for --mode beam, in tokens (its language code included)"})
+    batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per batch: sentences x longest (source or target)"})
+    max_sentences: int | None = field(default=None, metadata={"help": "use only the first N sentences of the split"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)"})
+    dtype: str | None = field(default=None, metadata={"help": "fp32, bf16 or fp16 (default: the checkpoint's); routers always run in fp32"})
+    out: str = field(default="", metadata={"help": "statistics file to write (.safetensors)"})
+    resume: bool = field(default=False, metadata={"help": "continue --out: skip the directions it already holds"})
+    expert_parallel: int = field(default=1, metadata={"help": "ranks sharing one model's experts (torchrun); world = this x data-parallel size"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def validate(self) -> None:
+        missing = [flag for flag, value in (("--model", self.model), ("--data", self.data), ("--out", self.out)) if not value]
+        if missing:
+            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
+        given = [flag for flag, value in (("--langs", self.langs), ("--pairs", self.pairs), ("--lang", self.lang)) if value]
+        if len(given) != 1:
+            what = "none" if not given else " and ".join(given)
+            raise ConfigError(f"give exactly one of --langs, --pairs, --lang (with --partners), got {what}")
+        if self.lang and not self.partners:
+            raise ConfigError("--lang needs --partners: the languages it is translated from and into")
+        if self.partners and not self.lang:
+            raise ConfigError("--partners is for --lang")
+        if self.langs and len(set(self.langs)) < 2:
+            raise ConfigError(f"--langs needs at least two languages (every direction among them), got {self.langs}")
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for flag, value in (("--beam", self.beam), ("--max-new-tokens", self.max_new_tokens), ("--batch-tokens", self.batch_tokens), ("--expert-parallel", self.expert_parallel)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if self.max_sentences is not None and self.max_sentences < 1:
+            raise ConfigError(f"--max-sentences must be at least 1, got {self.max_sentences}")
+        self.directions()
+
+    def directions(self) -> list[str]:
+        """The directions asked for, in a stable order (no duplicates, no ``x-x``)."""
+        if self.pairs:
+            out = []
+            for pair in self.pairs:
+                src, tgt = split_direction(pair)
+                if src == tgt:
+                    raise ConfigError(f"--pairs: {pair!r} translates a language into itself")
+                out.append(direction_key(src, tgt))
+            return list(dict.fromkeys(out))
+        if self.langs:
+            langs = list(dict.fromkeys(self.langs))
+            return [direction_key(s, t) for s in langs for t in langs if s != t]
+        partners = [p for p in dict.fromkeys(self.partners) if p != self.lang]
+        return [direction_key(self.lang, p) for p in partners] + [direction_key(p, self.lang) for p in partners]
+
+    def languages(self) -> list[str]:
+        return sorted({lang for d in self.directions() for lang in split_direction(d)})
+
+
+def check_languages(options: StatsOptions, flores: Any) -> None:
+    """Every language must have a file in the split (the FLORES reader's error lists the valid codes)."""
+    flores.num_lines(options.split)
+    for lang in options.languages():
+        flores.path(lang, options.split)
+
+
+def check_tokenizer_languages(tokenizer: Any, languages: list[str]) -> None:
+    unknown = [lang for lang in languages if tokenizer.convert_tokens_to_ids(lang) == tokenizer.unk_token_id]
+    if unknown:
+        known = [t for t in getattr(tokenizer, "additional_special_tokens", []) if "_" in t]
+        raise StatsError(
+            f"the model's tokenizer has no language code for {unknown}; it knows {len(known)} codes"
+            + (f": {', '.join(known[:10])} ..." if known else "")
+        )
+
+
+# ---- identity and info ---------------------------------------------------------------------------
+def model_identity(model: Any) -> dict[str, Any]:
+    """Path, layout, a hash of the config and a cheap fingerprint of the routers (fp32 rows + kept ids).
+
+    The fingerprint does not depend on the dtype, on the device or on expert parallelism (every rank
+    holds every router row), so runs that must give the same counters give the same identity.
+    """
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    digest = hashlib.sha256()
+    kept = 0
+    for side, layer, moe in model.moe_layers():
+        ids = moe.router.expert_ids.detach().cpu().to(torch.int64)
+        kept += len(ids)
+        digest.update(f"{side}.{layer}:".encode())
+        digest.update(ids.numpy().tobytes())
+        digest.update(moe.router.weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return {
+        "path": str(getattr(model, "source_path", "")),
+        "layout": getattr(model, "source_layout", None),
+        "config_sha256": config_hash,
+        "router_fingerprint": digest.hexdigest()[:32],
+        "experts_kept": kept,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import pruning
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "nllb-prune": pruning.__version__}
+
+
+def collection_info(options: StatsOptions, model: Any, *, expert_parallel: int, data_parallel: int, data_root: Path) -> dict[str, Any]:
+    """What made these counters (stored in the file's ``info``)."""
+    info: dict[str, Any] = {
+        "model": model_identity(model),
+        "data": {"dir": str(data_root), "split": options.split, "max_sentences": options.max_sentences},
+        "mode": options.mode,
+        "counted": "teacher-forced reference" if options.mode == "teacher" else "teacher-forced beam-search hypothesis",
+        "beam": options.beam if options.mode == "beam" else None,
+        "max_new_tokens": options.max_new_tokens if options.mode == "beam" else None,
+        "batch_tokens": options.batch_tokens,
+        "sentences": {},
+        "processes": {"expert_parallel": expert_parallel, "data_parallel": data_parallel},
+        "versions": versions(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return info
+
+
+_RESUME_KEYS = (("model", "config_sha256"), ("model", "router_fingerprint"), ("data", "split"), ("data", "max_sentences"), ("mode",), ("beam",), ("max_new_tokens",))
+
+
+def check_resumable(previous: dict[str, Any], current: dict[str, Any], *, path: Path) -> None:
+    """Refuse to add counters to a file collected with other settings (another model, split, mode, beam ...)."""
+    infos = previous.get("merged_from", [previous])
+    for info in infos:
+        diffs = []
+        for keys in _RESUME_KEYS:
+            old, new = _dig(info, keys), _dig(current, keys)
+            if old != new:
+                diffs.append(f"{'.'.join(keys)}: file {old!r}, this run {new!r}")
+        if diffs:
+            raise StatsError(
+                f"--resume: {path} was collected with other settings ({'; '.join(diffs)}); "
+                f"write to another --out (and merge later with nllb-prune merge-stats) or drop --resume"
+            )
+
+
+def _dig(info: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    value: Any = info
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+# ---- running batches ----------------------------------------------------------------------------
+@dataclass
+class Decoding:
+    """Settings of one direction's forward passes."""
+
+    mode: str
+    beam: int
+    max_new_tokens: int
+    start_id: int
+    pad_id: int
+    eos_id: int
+    tgt_id: int
+    synced: bool = False
+    """Keep every process stepping until all finished (expert parallelism: every step exchanges tokens)."""
+
+
+def run_batch(model: Any, collector: RoutingCollector, batch: Batch, decoding: Decoding, *, count: bool = True) -> None:
+    """Forward ``batch`` (teacher forcing, or beam search then teacher forcing of the hypothesis)."""
+    device = model.device
+    input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    labels = batch.labels
+    if decoding.mode == "beam":
+        with collector.paused():
+            sequences = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                num_beams=decoding.beam,
+                max_new_tokens=decoding.max_new_tokens,
+                forced_bos_token_id=decoding.tgt_id,
+                do_sample=False,
+                synced_gpus=decoding.synced,
+            )
+        labels = hypothesis_labels(sequences.cpu(), eos_id=decoding.eos_id)
+    assert labels is not None
+    decoder_ids, decoder_mask = decoder_inputs(labels, start_id=decoding.start_id, pad_id=decoding.pad_id)
+    previous = collector.enabled
+    collector.enabled = count
+    try:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_ids.to(device),
+            decoder_attention_mask=decoder_mask.to(device),
+            use_cache=False,
+        )
+    finally:
+        collector.enabled = previous
+
+
+def placeholder_batch(decoding: Decoding, *, src_id: int) -> Batch:
+    """A one-token batch run (and not counted) by a process with no work left at a step (expert parallelism)."""
+    ids = torch.tensor([[src_id, decoding.eos_id]])
+    return Batch(ids, torch.ones_like(ids), [[decoding.tgt_id, decoding.eos_id]], [])
+
+
+# ---- the whole collection ----------------------------------------------------------------------
+def collect_statistics(options: StatsOptions) -> Path:
+    """Collect every asked direction into ``options.out`` (one process, or every process of torchrun).
+
+    The file is written atomically after each direction (each round of directions when several
+    processes share the work), so an interruption loses at most the running one; ``--resume`` skips
+    the directions the file holds.
+    """
+    from pruning.data.flores import FloresDir
+    from pruning.stats import distributed
+
+    options.validate()
+    distributed.check_launch(options.expert_parallel)
+    flores = FloresDir(options.data)
+    check_languages(options, flores)
+    out = Path(options.out)
+    ctx = distributed.setup(expert_parallel=options.expert_parallel, device=options.device)
+    held: dict[str, Any] = {}  # rank 0 only: the statistics being written
+
+    def check_out() -> None:
+        held["previous"] = _previous(out, resume=options.resume)
+
+    try:
+        ctx.agree(check_out)
+        model = _load(options, ctx)
+        tokenizer = model.tokenizer
+        if tokenizer is None:
+            raise StatsError(f"{options.model}: no tokenizer found beside the weights (sentencepiece.bpe.model or tokenizer files)")
+        check_tokenizer_languages(tokenizer, options.languages())
+        info = collection_info(options, model, expert_parallel=ctx.ep_size, data_parallel=ctx.dp_size, data_root=flores.root)
+
+        def start() -> list[str]:
+            held["stats"] = _start_stats(held.get("previous"), info, model, out)
+            return held["stats"].directions
+
+        done = set(ctx.agree(start))  # every process learns which directions to skip, not the counters
+        todo = [d for d in options.directions() if d not in done]
+        collector = RoutingCollector(model, num_experts=model.topology.num_experts)
+        try:
+            _collect_rounds(options, ctx, model, collector, flores, todo, held.get("stats"), out)
+        finally:
+            collector.close()
+    finally:
+        ctx.close()
+    return out
+
+
+def _previous(out: Path, *, resume: bool) -> Optional[RoutingStats]:
+    if out.exists() and not resume:
+        raise StatsError(f"{out} exists: pass --resume to continue it, or choose another --out")
+    return RoutingStats.load(out) if out.exists() else None
+
+
+def _start_stats(previous: Optional[RoutingStats], info: dict[str, Any], model: Any, out: Path) -> RoutingStats:
+    if previous is None:
+        return RoutingStats(model.topology, {}, info)
+    model.topology.check_same_routing(previous.topology, what=str(out))
+    check_resumable(previous.info, info, path=out)
+    previous.info.setdefault("sentences", {})
+    return previous
+
+
+def _load(options: StatsOptions, ctx: Any) -> Any:
+    from pruning.model.loading import load_model
+
+    if ctx.ep_size > 1:
+        from pruning.model.expert_parallel import load_expert_parallel_model
+
+        return load_expert_parallel_model(options.model, group=ctx.ep_group, device=ctx.device, dtype=options.dtype, progress=options.progress and ctx.is_main)
+    return load_model(options.model, ctx.device, options.dtype, progress=options.progress and ctx.is_main)
+
+
+def _collect_rounds(
+    options: StatsOptions, ctx: Any, model: Any, collector: RoutingCollector, flores: Any,
+    todo: list[str], stats: Optional[RoutingStats], out: Path,
+) -> None:
+    from tqdm.auto import tqdm
+
+    tokenizer = model.tokenizer
+    show = options.progress and ctx.is_main
+    bar = tqdm(total=len(todo), desc="directions", unit="dir", disable=not show)
+    for start in range(0, len(todo), ctx.dp_size):
+        round_dirs = todo[start : start + ctx.dp_size]  # one direction per data-parallel group
+        mine = round_dirs[ctx.dp_rank] if ctx.dp_rank < len(round_dirs) else None
+        bar.set_postfix_str(", ".join(round_dirs) if len(round_dirs) > 1 else round_dirs[0])
+        flat = _run_direction(options, ctx, model, collector, flores, tokenizer, mine, show=show)
+        # [len(round), counters + 1 sentence count]: each group writes its own row; the sum holds them all
+        table = flat.new_zeros(len(round_dirs), flat.shape[0])
+        if mine is not None:
+            table[ctx.dp_rank] = flat
+        table = ctx.all_reduce_sum(table)
+        if ctx.is_main:
+            assert stats is not None
+            for direction, row in zip(round_dirs, table):
+                counters = collector.unflatten(row[:-1])
+                for side, named in counters.items():
+                    for name, value in named.items():
+                        stats.add(direction, side, name, value)
+                stats.info.setdefault("sentences", {})[direction] = int(row[-1])
+            stats.info["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            stats.save(out)
+        bar.update(len(round_dirs))
+    bar.close()
+    if ctx.is_main and stats is not None and not todo:
+        stats.save(out)
+
+
+def _run_direction(
+    options: StatsOptions, ctx: Any, model: Any, collector: RoutingCollector, flores: Any, tokenizer: Any,
+    direction: Optional[str], *, show: bool,
+) -> torch.Tensor:
+    """This process's counters for ``direction`` (None: only keep step with the others), flat, + sentences."""
+    from tqdm.auto import tqdm
+
+    config = model.config
+    batches: list[Batch] = []
+    src, tgt = split_direction(direction) if direction else (None, None)
+    if direction is not None:
+        batches = _direction_batches(options, flores, tokenizer, src=src, tgt=tgt, pad_id=config.pad_token_id)
+    mine = batches[ctx.ep_rank :: ctx.ep_size]  # expert-parallel ranks share the direction's batches
+    # expert parallelism: every forward exchanges tokens, so every process runs the same number of steps
+    # (over the whole world: beam search keeps all processes stepping together, see Decoding.synced)
+    steps = ctx.all_reduce_max(len(mine)) if ctx.ep_size > 1 else len(mine)
+    any_lang = options.languages()[0]
+    decoding = Decoding(
+        mode=options.mode, beam=options.beam, max_new_tokens=options.max_new_tokens,
+        start_id=config.decoder_start_token_id, pad_id=config.pad_token_id, eos_id=config.eos_token_id,
+        tgt_id=tokenizer.convert_tokens_to_ids(tgt or any_lang), synced=ctx.ep_size > 1,
+    )
+    _route_direction(model, src, tgt)
+    collector.reset()
+    sentences = 0
+    with torch.no_grad():
+        for step in tqdm(range(steps), desc=direction or "waiting", unit="batch", leave=False, disable=not show):
+            if step < len(mine):
+                run_batch(model, collector, mine[step], decoding)
+                sentences += len(mine[step].sentences)
+            else:  # no batch left here: run a placeholder so that the expert exchanges stay in step
+                placeholder = placeholder_batch(decoding, src_id=tokenizer.convert_tokens_to_ids(src or any_lang))
+                run_batch(model, collector, placeholder, decoding, count=False)
+    flat = collector.flat()
+    collector.reset()
+    return torch.cat([flat, flat.new_tensor([float(sentences)])])
+
+
+def _route_direction(model: Any, src: Optional[str], tgt: Optional[str]) -> None:
+    """A pruned export serving several directions routes each over its own experts (its manifest)."""
+    if getattr(model, "manifest", None) and hasattr(model, "set_direction"):
+        model.set_direction(src, tgt)
+
+
+def _direction_batches(options: StatsOptions, flores: Any, tokenizer: Any, *, src: str, tgt: str, pad_id: int) -> list[Batch]:
+    sources = flores.read(src, options.split)
+    targets = flores.read(tgt, options.split) if options.mode == "teacher" else None
+    if options.max_sentences is not None:
+        sources = sources[: options.max_sentences]
+        targets = targets[: options.max_sentences] if targets is not None else None
+    source_ids = encode(tokenizer, sources, lang=src, target=False)
+    label_ids = encode(tokenizer, targets, lang=tgt, target=True) if targets is not None else None
+    return make_batches(source_ids, label_ids, batch_tokens=options.batch_tokens, pad_id=pad_id)
+
