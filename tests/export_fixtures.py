@@ -63,3 +63,20 @@ def install_fake_sacrebleu_spm(sacrebleu_dir: Path, *, name: str = "flores200sac
     target = models / name
     shutil.copyfile(spm, target)
     return target
+
+
+def talkative_hf_dir(directory: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """The tiny real-topology model with its language-code embeddings shrunk, written in the HF layout.
+
+    The random fixture model otherwise generates language codes, which decode to empty strings; with
+    their (tied) output rows small, it generates ordinary pieces, so hypotheses are non-empty text.
+    """
+    from pruning.data.languages import nllb_codes
+    from pruning.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = fixtures.make_model(len(tokenizer), seed=seed)
+    codes = [tokenizer.convert_tokens_to_ids(code) for code in nllb_codes()]
+    with torch.no_grad():
+        model.model.shared.weight[codes] *= 0.05
+    return fixtures.write_hf(model, directory, shards=2, tokenizer_dir=tokenizer_dir)
