@@ -251,7 +251,8 @@ def summarize(out: Path, manifest: Mapping[str, Any]) -> list[str]:
     """A few lines for the terminal after an export."""
     dirs = directions_of(manifest)
     shown = ", ".join(dirs[:6]) + (f" ... ({len(dirs)} in all)" if len(dirs) > 6 else "")
-    per_layer = " ".join(f"{k.replace('encoder.', 'enc').replace('decoder.', 'dec')}:{len(v)}" for k, v in manifest["experts"].items())
+    slots = sorted(manifest["experts"], key=lambda k: (not k.startswith("encoder"), int(k.split(".")[1])))
+    per_layer = " ".join(f"{k.replace('encoder.', 'enc').replace('decoder.', 'dec')}:{len(manifest['experts'][k])}" for k in slots)
     return [
         f"wrote {out}",
         f"experts kept: {manifest['num_experts_kept']} of {Topology.from_dict(manifest['topology']).num_total_experts} ({per_layer})",
