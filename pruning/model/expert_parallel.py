@@ -7,13 +7,14 @@ A :class:`ExpertParallelDispatch` plugs into :class:`pruning.model.moe.MoeLayer`
 attribute (the layer's ``forward`` is unchanged). Each rank routes its own tokens with the full router
 (so routing, and the statistics observed on it, are the single-process ones), then:
 
-1. sorts its dispatched assignments by router row (rows are sharded contiguously, so this also groups
-   them by owner rank), keeping token order within a row, exactly as :func:`sorted_loop_dispatch` does;
+1. sorts its assignments by router row (rows are sharded contiguously, so this also groups them by
+   owner rank), keeping token order within a row, exactly as the single-process dispatch does;
 2. ``all_gather`` of the per-row assignment counts [R] (every rank learns how many rows it receives from
    every other, per expert);
 3. ``all_to_all_single`` of the token vectors [N, D] to the owners (uneven splits);
-4. each owner runs each of its experts once per source rank's segment — the same GEMM shapes a single
-   process runs on that rank's batch, so results are bitwise the single-process ones on CPU;
+4. each owner runs its experts once per source rank's segment, the way the model's single-process
+   dispatch would (per-expert loop or grouped GEMM): the same rows and GEMM shapes a single process
+   runs on that rank's batch, so the outputs are bitwise the single-process ones (checked on CPU);
 5. ``all_to_all_single`` of the expert outputs back to the source ranks, which weight them by the combine
    weights and add them into the output (two terms per token: the order of addition cannot change them).
 
@@ -29,10 +30,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from pruning.checkpoint import keymap
 from pruning.checkpoint.reader import open_checkpoint
@@ -71,11 +73,18 @@ class ExpertParallelDispatch:
 
     ``bounds[p]`` = ``[start, stop)`` router rows whose experts rank ``p`` of the group holds; the layer's
     ``experts`` given to :meth:`__call__` are this rank's shard, local index = row - start.
+
+    ``local`` mirrors the single-process dispatch the model would use, shape for shape:
+    ``"loop"`` (:func:`sorted_loop_dispatch`: dispatched assignments only, one expert call per
+    segment) or ``"grouped"`` (:func:`grouped_mm_dispatch`: all T*K assignments, dropped ones weighted
+    0, one grouped GEMM per source segment). Either way each expert sees exactly the rows, in the order
+    and the GEMM shapes, it would see in one process, so the outputs equal the single-process ones.
     """
 
     group: Any
     """The expert-parallel process group (``None`` = the default group)."""
     bounds: list[tuple[int, int]]
+    local: str = "loop"
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
@@ -86,12 +95,14 @@ class ExpertParallelDispatch:
                 f"expert-parallel rank {rank} holds {experts.num_experts} experts for rows {mine} of {num_rows}: "
                 f"the layer was not sharded with these bounds"
             )
+        grouped = self.local == "grouped"
         # this rank's assignments, sorted by router row (= by owner), token order kept within a row
         flat_row = routing.expert_idx.reshape(-1)  # [T*K]
         flat_token = torch.arange(x.shape[0], device=x.device).repeat_interleave(TOP_K)  # [T*K]
-        flat_weight = routing.weights.reshape(-1)  # [T*K]
-        keep = routing.dispatched.reshape(-1)
-        flat_row, flat_token, flat_weight = flat_row[keep], flat_token[keep], flat_weight[keep]
+        flat_weight = (routing.weights * routing.dispatched).reshape(-1)  # [T*K]
+        if not grouped:  # the loop dispatch runs only the dispatched assignments
+            keep = routing.dispatched.reshape(-1)
+            flat_row, flat_token, flat_weight = flat_row[keep], flat_token[keep], flat_weight[keep]
         order = torch.argsort(flat_row, stable=True)
         flat_token, flat_weight = flat_token[order], flat_weight[order]  # [N]
         row_counts = torch.bincount(flat_row, minlength=num_rows)  # [R]
@@ -107,26 +118,48 @@ class ExpertParallelDispatch:
         dist.all_to_all_single(
             received, x[flat_token].contiguous(), output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.group
         )
-        results = self._run_shard(received, counts[:, mine[0] : mine[1]], experts)  # [M, D]
+        run = _run_segment_grouped if grouped else _run_segment_loop
+        results = torch.empty_like(received)  # [M, D]
+        start = 0
+        for per_expert in counts[:, mine[0] : mine[1]].tolist():  # one source rank's segment, by local expert
+            stop = start + sum(per_expert)
+            if stop > start:
+                results[start:stop] = run(received[start:stop], per_expert, experts)
+            start = stop
         returned = x.new_empty(flat_token.shape[0], x.shape[1])  # [N, D]
         dist.all_to_all_single(
             returned, results, output_split_sizes=send_splits, input_split_sizes=recv_splits, group=self.group
         )
+        weight = flat_weight[:, None].to(returned.dtype)  # [N, 1]
+        if grouped:  # as grouped_mm_dispatch: exact zeros for dropped assignments
+            contribution = torch.where(weight > 0, returned * weight, torch.zeros((), dtype=returned.dtype, device=x.device))
+        else:
+            contribution = returned * weight
         out = torch.zeros_like(x)  # [T, D]
-        out.index_add_(0, flat_token, returned * flat_weight[:, None].to(returned.dtype))
+        out.index_add_(0, flat_token, contribution)
         return out
 
-    @staticmethod
-    def _run_shard(received: torch.Tensor, counts: torch.Tensor, experts: StackedExperts) -> torch.Tensor:
-        """``received`` [M, D] holds, per source rank, its rows grouped by local expert; counts [P, E_shard]."""
-        results = torch.empty_like(received)
-        start = 0
-        for per_expert in counts.tolist():  # one source rank's segment
-            for local, n in enumerate(per_expert):
-                if n:
-                    results[start : start + n] = experts.expert_forward(local, received[start : start + n])
-                    start += n
-        return results
+
+def _run_segment_loop(rows: torch.Tensor, per_expert: list[int], experts: StackedExperts) -> torch.Tensor:
+    """``rows`` [n, D] grouped by local expert (``per_expert`` rows each): one expert call per group."""
+    out = torch.empty_like(rows)
+    start = 0
+    for local, n in enumerate(per_expert):
+        if n:
+            out[start : start + n] = experts.expert_forward(local, rows[start : start + n])
+            start += n
+    return out
+
+
+def _run_segment_grouped(rows: torch.Tensor, per_expert: list[int], experts: StackedExperts) -> torch.Tensor:
+    """The same rows through two grouped GEMMs over the shard's stacked weights (as grouped_mm_dispatch)."""
+    counts = torch.tensor(per_expert, device=rows.device)  # [E_shard]
+    offsets = torch.cumsum(counts, 0).to(torch.int32)  # [E_shard] group ends
+    row_expert = torch.repeat_interleave(torch.arange(len(per_expert), device=rows.device), counts)  # [n]
+    h = torch._grouped_mm(rows, experts.fc1_weight.transpose(1, 2), offs=offsets)  # [n, F]
+    h = F.relu(h + experts.fc1_bias[row_expert])
+    y = torch._grouped_mm(h, experts.fc2_weight.transpose(1, 2), offs=offsets)  # [n, D]
+    return y + experts.fc2_bias[row_expert]
 
 
 def load_expert_parallel_model(
@@ -135,13 +168,15 @@ def load_expert_parallel_model(
     group: Any = None,
     device: str | torch.device = "cpu",
     dtype: Any = None,
+    dispatch: str = "auto",
     progress: bool = False,
 ) -> NllbMoeForPruning:
     """This rank's part of an expert-parallel model: dense weights, full routers, a shard of the experts.
 
     ``group`` is the expert-parallel process group (``None``: the default group); rank ``p`` of it holds
     the ``p``-th contiguous shard of every MoE layer's experts. Works for full and pruned checkpoints
-    (the shards split the experts the checkpoint holds). The model is for inference: every MoE layer
+    (the shards split the experts the checkpoint holds). ``dispatch`` is chosen as by ``load_model``
+    (``auto``: grouped GEMM where supported) and each rank's own experts run the same way. The model is for inference: every MoE layer
     exchanges tokens with the other ranks of ``group``, so all of them must run the same forward calls.
     """
     from pruning.model.loading import load_model
@@ -149,12 +184,12 @@ def load_expert_parallel_model(
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     reader = open_checkpoint(path)
     held = reader.present_experts() or full_selection(reader.topology)
-    model = load_model(path, device, dtype, experts=shard_selection(held, rank=rank, world=world), progress=progress)
-    install_full_routers(model, reader, held=held, group=group)
+    model = load_model(path, device, dtype, experts=shard_selection(held, rank=rank, world=world), dispatch=dispatch, progress=progress)
+    install_full_routers(model, reader, held=held, group=group, local=getattr(model, "dispatch_name", "loop"))
     return model
 
 
-def install_full_routers(model: NllbMoeForPruning, reader: Any, *, held: ExpertSelection, group: Any) -> None:
+def install_full_routers(model: NllbMoeForPruning, reader: Any, *, held: ExpertSelection, group: Any, local: str = "loop") -> None:
     """Give every MoE layer a router with the rows of all ``held`` experts and an expert-parallel dispatch."""
     world = dist.get_world_size(group)
     routers: dict[tuple[str, int], torch.Tensor] = {}
@@ -175,10 +210,10 @@ def install_full_routers(model: NllbMoeForPruning, reader: Any, *, held: ExpertS
             router.weight.copy_(weight.to(device=device, dtype=torch.float32))
         router.weight.requires_grad_(False)
         moe.router = router
-        moe.dispatch = ExpertParallelDispatch(group=group, bounds=shard_bounds(len(experts), world))
+        moe.dispatch = ExpertParallelDispatch(group=group, bounds=shard_bounds(len(experts), world), local=local)
 
 
-def expert_parallel_from_full(model: NllbMoeForPruning, *, group: Any = None) -> None:
+def expert_parallel_from_full(model: NllbMoeForPruning, *, group: Any = None, local: str = "loop") -> None:
     """Turn a full in-memory model into this rank's expert-parallel part (in place; drops other experts).
 
     For tests and benchmarks that build a random model on every rank: the routers are kept whole.
@@ -187,7 +222,7 @@ def expert_parallel_from_full(model: NllbMoeForPruning, *, group: Any = None) ->
     for _, _, moe in model.moe_layers():
         bounds = shard_bounds(moe.router.num_experts, world)
         start, stop = bounds[rank]
-        old: Optional[StackedExperts] = moe.experts
+        old = moe.experts
         shard = StackedExperts(num_experts=stop - start, d_model=old.fc1_weight.shape[2], ffn_dim=old.fc1_weight.shape[1])
         shard = shard.to(device=old.fc1_weight.device, dtype=old.fc1_weight.dtype)
         with torch.no_grad():
@@ -195,4 +230,4 @@ def expert_parallel_from_full(model: NllbMoeForPruning, *, group: Any = None) ->
                 getattr(shard, name).copy_(getattr(old, name)[start:stop])
         shard.requires_grad_(False)
         moe.experts = shard
-        moe.dispatch = ExpertParallelDispatch(group=group, bounds=bounds)
+        moe.dispatch = ExpertParallelDispatch(group=group, bounds=bounds, local=local)

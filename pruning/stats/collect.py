@@ -265,6 +265,7 @@ class StatsOptions:
     max_sentences: int | None = field(default=None, metadata={"help": "use only the first N sentences of the split"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)"})
     dtype: str | None = field(default=None, metadata={"help": "fp32, bf16 or fp16 (default: the checkpoint's); routers always run in fp32"})
+    dispatch: str = field(default="auto", metadata={"help": "expert dispatch: auto (grouped GEMM where supported), grouped or loop", "choices": ("auto", "grouped", "loop")})
     out: str = field(default="", metadata={"help": "statistics file to write (.safetensors)"})
     resume: bool = field(default=False, metadata={"help": "continue --out: skip the directions it already holds"})
     expert_parallel: int = field(default=1, metadata={"help": "ranks sharing one model's experts (torchrun); world = this x data-parallel size"})
@@ -375,6 +376,7 @@ def collection_info(options: StatsOptions, model: Any, *, expert_parallel: int, 
         "beam": options.beam if options.mode == "beam" else None,
         "max_new_tokens": options.max_new_tokens if options.mode == "beam" else None,
         "batch_tokens": options.batch_tokens,
+        "dispatch": getattr(model, "dispatch_name", options.dispatch),
         "sentences": {},
         "processes": {"expert_parallel": expert_parallel, "data_parallel": data_parallel},
         "versions": versions(),
@@ -532,8 +534,11 @@ def _load(options: StatsOptions, ctx: Any) -> Any:
     if ctx.ep_size > 1:
         from pruning.model.expert_parallel import load_expert_parallel_model
 
-        return load_expert_parallel_model(options.model, group=ctx.ep_group, device=ctx.device, dtype=options.dtype, progress=options.progress and ctx.is_main)
-    return load_model(options.model, ctx.device, options.dtype, progress=options.progress and ctx.is_main)
+        return load_expert_parallel_model(
+            options.model, group=ctx.ep_group, device=ctx.device, dtype=options.dtype, dispatch=options.dispatch,
+            progress=options.progress and ctx.is_main,
+        )
+    return load_model(options.model, ctx.device, options.dtype, dispatch=options.dispatch, progress=options.progress and ctx.is_main)
 
 
 def _collect_rounds(
