@@ -56,3 +56,16 @@ translate: setup ## translate stdin or input= with a (pruned) model (conf/transl
 
 evaluate: setup ## chrF++ / spBLEU on FLORES-200 (conf/evaluate.yaml + ARGS)
 	$(CLI) evaluate --config conf/evaluate.yaml $(ARGS)
+
+# ---- routing statistics into and out of one language, against the partners of conf/collect_stats.yaml.
+#   make collect-stats LANG=fra_Latn MODEL=path/to/nllb-moe FLORES=path/to/flores200_dataset [ARGS="mode=beam ..."]
+# Writes $(OUT)/stats/LANG.safetensors; re-running resumes (directions already there are skipped).
+# Several GPUs: torchrun --nproc-per-node 4 -m pruning stats --config conf/collect_stats.yaml ... expert_parallel=4
+MODEL        ?= checkpoints/nllb-moe-54b
+FLORES       ?= flores200_dataset
+.PHONY: collect-stats
+collect-stats: setup ## routing statistics into/out of LANG (make collect-stats LANG=fra_Latn MODEL=.. FLORES=..)
+	@if [ "$(origin LANG)" != "command line" ]; then \
+		echo "usage: make collect-stats LANG=fra_Latn [MODEL=checkpoint] [FLORES=flores200_dataset] [ARGS='key=value ...']" >&2; exit 2; fi
+	LANG=C.UTF-8 $(CLI) stats --config conf/collect_stats.yaml model=$(MODEL) data=$(FLORES) lang=$(LANG) \
+		out=$(OUT)/stats/$(LANG).safetensors $(ARGS)
