@@ -4,7 +4,10 @@ Export is :mod:`pruning.checkpoint.convert` with a filter. It reads either check
 earlier export) and writes, in the HF layout our readers and ``load_model`` take:
 
 * ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``;
-* ``config.json`` (the unpruned model's config: global expert ids keep their meaning), tokenizer files;
+* ``config.json`` (the unpruned model's config: global expert ids keep their meaning, plus the kept
+  experts per layer and per direction and an ``auto_map`` for ``trust_remote_code``), tokenizer files;
+* ``modeling_nllb_moe_pruned.py``: a self-contained model class, so plain ``transformers`` loads the
+  export (``AutoModelForSeq2SeqLM.from_pretrained(dir, trust_remote_code=True)``);
 * ``pruning_manifest.json`` (:mod:`pruning.manifest`): the experts held per layer, the experts of each
   exported direction, the index's sha256, the caller's selection record, the shards' sha256.
 
@@ -29,7 +32,7 @@ by the model. The output is written to a temporary sibling directory and renamed
 from __future__ import annotations
 
 import dataclasses
-import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -42,12 +45,15 @@ from pruning.checkpoint.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_d
 from pruning.data.languages import check_code_form
 from pruning.errors import UserError
 from pruning.index import ExpertIndex, LayerExperts, experts_for_direction, read_index, validate_index, write_index
-from pruning.manifest import ANY_DIRECTION, build_manifest, direction_key, natural_key, sha256_file, write_manifest
+from pruning.manifest import ANY_DIRECTION, build_manifest, direction_key, layer_name, natural_key, sha256_file, write_manifest
 from pruning.topology import Topology
 
 Direction = tuple[str, str]
 CONFIG_DROP_KEYS = ("_name_or_path", "_commit_hash")
 """Config keys that would tie an export to where its source was read from."""
+REMOTE_CODE = Path(__file__).parent / "model" / "remote" / "modeling_nllb_moe_pruned.py"
+"""Shipped in every export: lets plain ``transformers`` load it with ``trust_remote_code=True``."""
+AUTO_MAP = {"AutoModelForSeq2SeqLM": f"{REMOTE_CODE.stem}.NllbMoePrunedForConditionalGeneration"}
 
 
 class ExportError(UserError):
@@ -208,7 +214,14 @@ def export_checkpoint(
         writer = ShardWriter(tmp, max_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
         stream_entries(_ordered(reader), writer, dtype=target_dtype, transform=transform, skip=skip, progress=progress, desc="exporting")
         shards = writer.close()
-        write_config(_clean_config(reader.config), tmp, dtype=target_dtype)
+        directions_ids = {key: plan.global_ids(key) for key in plan.directions}
+        remote = {
+            "auto_map": AUTO_MAP,
+            "pruned_experts": {layer_name(side, layer): ids for (side, layer), ids in plan.union.items()},
+            "pruned_directions": directions_ids,
+        }
+        write_config(_clean_config(reader.config), tmp, dtype=target_dtype, extra=remote)
+        shutil.copyfile(REMOTE_CODE, tmp / REMOTE_CODE.name)
         copy_tokenizer(reader, tmp)
         if isinstance(experts, ExpertIndex):
             write_index(index, tmp / "experts.json")
@@ -217,7 +230,7 @@ def export_checkpoint(
             topology=reader.topology,
             dtype=target_dtype,
             union=plan.union,
-            directions={key: plan.global_ids(key) for key in plan.directions},
+            directions=directions_ids,
             index_info=index_info,
             selection=selection,
             weights={shard.name: sha256_file(shard) for shard in shards},

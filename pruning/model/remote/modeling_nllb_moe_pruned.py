@@ -1,0 +1,174 @@
+"""A pruned NLLB-200 MoE for plain ``transformers`` (``trust_remote_code=True``); shipped inside every export.
+
+Self-contained: it needs only ``torch`` and ``transformers`` (4.57), not ``nllb-prune``.
+
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    model = AutoModelForSeq2SeqLM.from_pretrained("pruned/", trust_remote_code=True)
+    model.set_direction("fra_Latn", "eng_Latn")          # multi-direction exports; None clears
+
+``config.json`` of an export carries ``pruned_experts`` (``{"encoder.3": [expert ids], ...}``: the experts
+each MoE layer holds, in the order of its router rows) and ``pruned_directions`` (``{"src-tgt": [global
+ids]}``, ``"*"`` for any direction). Each MoE layer here keeps only its experts and routes as fairseq
+does at inference (the semantics of NLLB-200):
+
+* router logits in fp32 (the router stays fp32 whatever the model dtype); softmax over the experts the
+  layer holds (or the current direction's subset of them);
+* 1st expert = argmax of the probabilities, 2nd = argmax of the logits without the 1st;
+* padding tokens go nowhere; each expert accepts at most ceil(capacity_fraction * tokens) assignments,
+  1st choices first (in token order), then 2nd choices;
+* combine weights p1/(p1+p2), p2/(p1+p2) over the assignments that were accepted;
+* the expert outputs are scaled by (1 - moe_token_dropout) (expert output masking at inference).
+
+Stock ``transformers`` 5.x runs only experts 0 and 1 in this model; this file never uses its MoE layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeDenseActDense, NllbMoeForConditionalGeneration
+
+
+def _real_tokens(mask: Optional[torch.Tensor], batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """[batch * seq] bool, True where the token is not padding, from the mask the layer hands its ffn."""
+    if mask is None:
+        return torch.ones(batch * seq, dtype=torch.bool, device=device)
+    if mask.dim() == 2:  # [batch, keys] of 1 (token) / 0 (padding)
+        visible = mask[:, mask.shape[1] - seq :] != 0
+    else:  # [batch, 1, queries, keys]: the last query sees every key that is not padding
+        last_row = mask[:, 0, mask.shape[2] - 1, mask.shape[3] - seq :]
+        visible = last_row if last_row.dtype == torch.bool else last_row == 0
+    return visible.reshape(batch * seq).to(device)
+
+
+class PrunedRouter(nn.Module):
+    """``classifier``: one fp32 row per kept expert, no bias."""
+
+    def __init__(self, d_model: int, num_experts: int):
+        super().__init__()
+        self.classifier = nn.Linear(d_model, num_experts, bias=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        weight = self.classifier.weight
+        if weight.is_floating_point() and weight.dtype != torch.float32:
+            weight.data = weight.data.float()
+        return self
+
+
+class PrunedSparseMLP(nn.Module):
+    """The kept experts of one MoE layer (``experts.expert_{id}``) and their router."""
+
+    def __init__(self, config, ffn_dim: int, expert_ids: list[int]):
+        super().__init__()
+        self.expert_ids = [int(e) for e in expert_ids]
+        self.router = PrunedRouter(config.d_model, len(self.expert_ids))
+        self.experts = nn.ModuleDict({f"expert_{e}": NllbMoeDenseActDense(config, ffn_dim) for e in self.expert_ids})
+        self.eom = float(config.moe_token_dropout)
+        self.capacity_fraction = float(config.moe_eval_capacity_token_fraction)
+        self.active: Optional[torch.Tensor] = None  # [E] bool: the current direction's experts, or None for all
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        batch, seq, width = hidden_states.shape
+        x = hidden_states.reshape(batch * seq, width)
+        count = x.shape[0]
+        real = _real_tokens(padding_mask, batch, seq, x.device)
+        logits = x.float() @ self.router.classifier.weight.float().t()  # [tokens, E]
+        usable = len(self.expert_ids)
+        if self.active is not None:
+            active = self.active.to(x.device)
+            logits = logits.masked_fill(~active, float("-inf"))
+            usable = int(active.sum())
+        probs = logits.softmax(dim=-1)
+        first = probs.argmax(dim=-1)
+        rows = torch.arange(count, device=x.device)
+        without_first = logits.clone()
+        without_first[rows, first] = float("-inf")
+        second = without_first.argmax(dim=-1)
+        wants_second = real & (usable > 1)
+
+        capacity = math.ceil(self.capacity_fraction * count)
+        accepted_first = torch.zeros(count, dtype=torch.bool, device=x.device)
+        accepted_second = torch.zeros(count, dtype=torch.bool, device=x.device)
+        for local in range(len(self.expert_ids)):
+            queue_first = torch.nonzero(real & (first == local)).flatten()  # token order
+            queue_second = torch.nonzero(wants_second & (second == local)).flatten()
+            taken = min(queue_first.numel(), capacity)
+            accepted_first[queue_first[:taken]] = True
+            accepted_second[queue_second[: max(capacity - taken, 0)]] = True
+
+        gate_first = probs[rows, first] * accepted_first
+        gate_second = probs[rows, second] * accepted_second
+        total = (gate_first + gate_second).clamp(min=torch.finfo(torch.float32).eps)
+        gate_first, gate_second = gate_first / total, gate_second / total
+
+        out = torch.zeros_like(x)
+        for local, expert_id in enumerate(self.expert_ids):
+            from_first = torch.nonzero(accepted_first & (first == local)).flatten()
+            from_second = torch.nonzero(accepted_second & (second == local)).flatten()
+            tokens = torch.cat([from_first, from_second])
+            if tokens.numel() == 0:
+                continue
+            weights = torch.cat([gate_first[from_first], gate_second[from_second]])
+            y = self.experts[f"expert_{expert_id}"](x[tokens])
+            out.index_add_(0, tokens, y * weights[:, None].to(y.dtype))
+        if self.training and self.eom > 0:
+            out = out * (torch.rand(count, 1, device=out.device) >= self.eom).to(out.dtype)
+        elif self.eom > 0:
+            out = out * (1.0 - self.eom)
+        return out.reshape(batch, seq, width), (probs, first)
+
+
+class NllbMoePrunedForConditionalGeneration(NllbMoeForConditionalGeneration):
+    """NLLB-MoE whose MoE layers hold only ``config.pruned_experts``, routed with fairseq's semantics."""
+
+    _keep_in_fp32_modules = ["router"]
+    _keep_in_fp32_modules_strict = ["router"]
+
+    def __init__(self, config):
+        slim = copy.deepcopy(config)
+        slim.num_experts = 1  # the stock sparse layers are built tiny, then replaced
+        super().__init__(slim)
+        self.config = config
+        kept = getattr(config, "pruned_experts", None)
+        if not kept:
+            raise ValueError("config.json has no 'pruned_experts': this model class is for nllb-prune exports")
+        for side, stack in (("encoder", self.model.encoder), ("decoder", self.model.decoder)):
+            ffn_dim = config.encoder_ffn_dim if side == "encoder" else config.decoder_ffn_dim
+            for number, layer in enumerate(stack.layers):
+                if getattr(layer, "is_sparse", False):
+                    layer.ffn = PrunedSparseMLP(config, ffn_dim, kept[f"{side}.{number}"])
+        self.post_init()
+
+    def pruned_layers(self):
+        """Yield ``("encoder"|"decoder", layer number, PrunedSparseMLP)``, encoder first."""
+        for side, stack in (("encoder", self.model.encoder), ("decoder", self.model.decoder)):
+            for number, layer in enumerate(stack.layers):
+                if isinstance(layer.ffn, PrunedSparseMLP):
+                    yield side, number, layer.ffn
+
+    def set_direction(self, src: Optional[str], tgt: Optional[str] = None) -> None:
+        """Route every MoE layer over the experts ``config.pruned_directions`` gives ``src-tgt``; None clears."""
+        layers = list(self.pruned_layers())
+        if src is None:
+            for _, _, moe in layers:
+                moe.active = None
+            return
+        directions = getattr(self.config, "pruned_directions", None) or {}
+        key = f"{src}-{tgt}"
+        ids = directions.get(key, directions.get("*"))
+        if ids is None:
+            raise ValueError(f"direction {key!r} is not served by this export; it serves {sorted(directions)}")
+        # global id = (position of the MoE layer, encoder layers first) * experts per layer + expert
+        order = [(side, number) for side, number, _ in layers]
+        wanted: dict[tuple[str, int], set[int]] = {slot: set() for slot in order}
+        for gid in ids:
+            wanted[order[int(gid) // self.config.num_experts]].add(int(gid) % self.config.num_experts)
+        for side, number, moe in layers:
+            keep = wanted[(side, number)]
+            mask = torch.tensor([e in keep for e in moe.expert_ids], dtype=torch.bool, device=moe.router.classifier.weight.device)
+            moe.active = None if bool(mask.all()) else mask
