@@ -26,6 +26,8 @@ class PruneConfig(SelectConfig):
     as ``experts.json`` and the manifest records these flags and the statistics file's sha256.
     """
 
+    langs: list[str] = field(default_factory=list, metadata={"help": "export every direction between these languages (comma-separated); selection runs for them"})
+    pairs: list[str] = field(default_factory=list, metadata={"help": "export these directions src-tgt (comma-separated); selection runs for their languages or for them"})
     out: str = field(default="", metadata={"help": "export directory to write (must not exist unless --overwrite)"})
     dtype: str = field(default="bf16", metadata={"help": "storage dtype of the export (routers stay fp32), also the dtype of --budget-gb", "choices": DTYPE_CHOICES})
     model: str = field(default="", metadata={"help": "source checkpoint: HF-layout directory, fairseq *-shared.pt or its directory"})
