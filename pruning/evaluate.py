@@ -281,9 +281,9 @@ def output_paths(out: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
 
 def evaluate_model(
     model: Any,
+    *,
     data: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    *,
     directions: Sequence[tuple[str, str]],
     split: str = "devtest",
     max_sentences: Optional[int] = None,

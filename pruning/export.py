@@ -172,9 +172,9 @@ def _router_rows(reader: CheckpointReader, union: LayerExperts) -> dict[tuple[st
 
 def export_checkpoint(
     model: str | Path,
+    *,
     experts: str | Path | ExpertIndex,
     out: str | Path,
-    *,
     directions: Sequence[Direction] = (),
     dtype: Optional[torch.dtype] = torch.bfloat16,
     overwrite: bool = False,

@@ -43,7 +43,7 @@ def export_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     root = tmp_path_factory.mktemp("evaluate")
     source = ef.talkative_hf_dir(root / "full", tiny_tokenizer_dir)
     index = ef.write_lang_index(root / "experts.json", open_checkpoint(source).topology)
-    return export_checkpoint(source, index, root / "export", directions=parse_directions(langs=list(ef.LANGS)), dtype=None, progress=False)
+    return export_checkpoint(source, experts=index, out=root / "export", directions=parse_directions(langs=list(ef.LANGS)), dtype=None, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_missing_spm_model_gives_na_and_still_scores_chrf(tmp_path, export_dir, 
 
     model = pruning.load_model(export_dir)
     with pytest.warns(UserWarning, match=r"needs sacrebleu's SentencePiece model at .*empty/models/flores200sacrebleuspm, which is missing") as caught:
-        result = evaluate_model(model, flores, tmp_path / "s.tsv", directions=[(ENG, FRA)], options=DecodingOptions(beam=1, max_length=4), progress=False, log=lambda _: None)
+        result = evaluate_model(model, data=flores, out=tmp_path / "s.tsv", directions=[(ENG, FRA)], options=DecodingOptions(beam=1, max_length=4), progress=False, log=lambda _: None)
     assert "spBLEU is reported as NA; chrF++ is computed" in str(caught[0].message)
     assert not offline.exists(), "nothing was downloaded or prepared for a download"
     row = read_lines(tmp_path / "s.tsv")[1].split("\t")
@@ -234,9 +234,9 @@ def test_direction_outside_the_export_fails_before_translating(tmp_path, tiny_hf
     from pruning.checkpoint.reader import open_checkpoint
 
     index = ef.write_lang_index(tmp_path / "experts.json", open_checkpoint(tiny_hf_dir).topology)
-    single = pruning.load_model(export_checkpoint(tiny_hf_dir, index, tmp_path / "one", directions=[(FRA, DEU)], progress=False))
+    single = pruning.load_model(export_checkpoint(tiny_hf_dir, experts=index, out=tmp_path / "one", directions=[(FRA, DEU)], progress=False))
     with pytest.raises(ManifestError, match=r"direction 'deu_Latn-fra_Latn' is not served by this export; it serves: fra_Latn-deu_Latn"):
-        evaluate_model(single, flores, tmp_path / "s.tsv", directions=[(FRA, DEU), (DEU, FRA)], spm="none", progress=False)
+        evaluate_model(single, data=flores, out=tmp_path / "s.tsv", directions=[(FRA, DEU), (DEU, FRA)], spm="none", progress=False)
     assert not (tmp_path / "s.hyp").exists()
 
 

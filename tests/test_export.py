@@ -42,7 +42,7 @@ def index_path(tmp_path_factory, topology) -> Path:
 @pytest.fixture(scope="module")
 def fra_deu_export(tmp_path_factory, tiny_hf_dir, index_path) -> Path:
     out = tmp_path_factory.mktemp("exports") / "fra-deu"
-    return export_checkpoint(tiny_hf_dir, index_path, out, directions=[(FRA, DEU)], dtype=torch.bfloat16, progress=False)
+    return export_checkpoint(tiny_hf_dir, experts=index_path, out=out, directions=[(FRA, DEU)], dtype=torch.bfloat16, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_exports_of_both_layouts_are_byte_identical(tmp_path, tiny_hf_dir, fairs
     outs = []
     for name, source in (("from_hf", tiny_hf_dir), ("from_fairseq", fairseq_with_positions)):
         out = export_checkpoint(
-            source, index_path, tmp_path / name, directions=[(FRA, DEU), (DEU, ENG)], dtype=torch.float16,
+            source, experts=index_path, out=tmp_path / name, directions=[(FRA, DEU), (DEU, ENG)], dtype=torch.float16,
             max_shard_bytes=40_000, progress=False,
         )
         outs.append(out)
@@ -111,10 +111,10 @@ def test_exports_of_both_layouts_are_byte_identical(tmp_path, tiny_hf_dir, fairs
 
 
 def test_multi_language_export_routes_each_direction_over_its_own_experts(tmp_path, tiny_hf_dir, index_path, tiny_batch):
-    multi = load_model(export_checkpoint(tiny_hf_dir, index_path, tmp_path / "multi", directions=parse_directions(langs=list(ef.LANGS)), dtype=None, progress=False))
+    multi = load_model(export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / "multi", directions=parse_directions(langs=list(ef.LANGS)), dtype=None, progress=False))
     assert sorted(multi.manifest["directions"]) == sorted(f"{a}-{b}" for a in ef.LANGS for b in ef.LANGS if a != b)
     for src, tgt in ((FRA, DEU), (ENG, FRA)):
-        single = load_model(export_checkpoint(tiny_hf_dir, index_path, tmp_path / f"{src}-{tgt}", directions=[(src, tgt)], dtype=None, progress=False))
+        single = load_model(export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / f"{src}-{tgt}", directions=[(src, tgt)], dtype=None, progress=False))
         multi.set_direction(src, tgt)
         torch.testing.assert_close(logits(multi, tiny_batch), logits(single, tiny_batch), rtol=1e-5, atol=1e-5)
         from pruning.translate import DecodingOptions, translate_sentences
@@ -134,7 +134,7 @@ def test_multi_language_export_routes_each_direction_over_its_own_experts(tmp_pa
 def test_one_list_index_serves_any_direction(tmp_path, tiny_hf_dir, topology):
     ids = sorted({gid for gid in range(0, topology.num_total_experts, 7)})
     path = write_index(ExpertIndex.for_all(ids), tmp_path / "all.json")
-    out = export_checkpoint(tiny_hf_dir, path, tmp_path / "out", dtype=None, progress=False)
+    out = export_checkpoint(tiny_hf_dir, experts=path, out=tmp_path / "out", dtype=None, progress=False)
     model = load_model(out)
     assert list(model.manifest["directions"]) == ["*"]
     model.set_direction(FRA, ENG)
@@ -184,7 +184,7 @@ def test_export_memory_is_bounded_by_the_largest_input_file(tmp_path, monkeypatc
         return tensor
 
     monkeypatch.setattr(torch_zip.LazyTensor, "load", tracked_load)
-    export_checkpoint(source, path, tmp_path / "bounded", dtype=torch.float32, max_shard_bytes=largest_file, progress=False)
+    export_checkpoint(source, experts=path, out=tmp_path / "bounded", dtype=torch.float32, max_shard_bytes=largest_file, progress=False)
     bounded = peak["bytes"]
     print(f"largest file {largest_file} B, largest tensor {largest_tensor} B, checkpoint {total} B, peak held {bounded} B")
     assert bounded <= largest_file + largest_tensor, (bounded, largest_file, largest_tensor, total)
@@ -192,7 +192,7 @@ def test_export_memory_is_bounded_by_the_largest_input_file(tmp_path, monkeypatc
     # control: the same tracker sees the whole model when the writer is allowed one shard for everything
     alive.clear()
     peak["bytes"] = 0
-    export_checkpoint(source, path, tmp_path / "one_shard", dtype=torch.float32, progress=False)
+    export_checkpoint(source, experts=path, out=tmp_path / "one_shard", dtype=torch.float32, progress=False)
     print(f"one shard for everything: peak held {peak['bytes']} B")
     assert peak["bytes"] > 0.9 * total > 5 * bounded
     assert load_model(tmp_path / "bounded").expert_selection() == load_model(tmp_path / "one_shard").expert_selection()
@@ -207,7 +207,7 @@ def test_pruned_experts_are_never_read(tmp_path, tiny_fairseq_dir, index_path, t
         return original(self)
 
     monkeypatch.setattr(torch_zip.LazyTensor, "load", spy)
-    export_checkpoint(tiny_fairseq_dir, index_path, tmp_path / "out", directions=[(FRA, DEU)], progress=False)
+    export_checkpoint(tiny_fairseq_dir, experts=index_path, out=tmp_path / "out", directions=[(FRA, DEU)], progress=False)
     kept = ef.expected_direction_experts(read_index(index_path), topology, FRA, DEU)
     rank_reads = [name for name in loaded if "-rank-" in name]
     assert len(rank_reads) == 4 * sum(len(ids) for ids in kept.values())  # fc1/fc2 weight/bias of each kept expert
@@ -217,17 +217,17 @@ def test_pruned_experts_are_never_read(tmp_path, tiny_fairseq_dir, index_path, t
 # ---- bad input ---------------------------------------------------------------------------------------
 def test_export_of_an_export_with_a_bigger_index_names_the_missing_experts(tmp_path, fra_deu_export, index_path):
     with pytest.raises(ExportError, match=r"itself a pruned export\) does not hold: encoder layer 3: expert\(s\) \[") as caught:
-        export_checkpoint(fra_deu_export, index_path, tmp_path / "again", directions=[(ENG, DEU)], progress=False)
+        export_checkpoint(fra_deu_export, experts=index_path, out=tmp_path / "again", directions=[(ENG, DEU)], progress=False)
     assert "(it holds 6)" in str(caught.value)
     assert not (tmp_path / "again").exists()
     # the same direction again is fine: an export can be re-exported (e.g. to another dtype)
-    again = export_checkpoint(fra_deu_export, index_path, tmp_path / "same", directions=[(FRA, DEU)], dtype=torch.float32, progress=False)
+    again = export_checkpoint(fra_deu_export, experts=index_path, out=tmp_path / "same", directions=[(FRA, DEU)], dtype=torch.float32, progress=False)
     assert open_checkpoint(again).present_experts() == open_checkpoint(fra_deu_export).present_experts()
 
 
 def test_language_missing_from_the_index_lists_known_languages(tmp_path, tiny_hf_dir, index_path, capsys):
     with pytest.raises(ExpertIndexError, match=r"target language 'zul_Latn' is not in the expert index.*; it has languages: deu_Latn, eng_Latn, fra_Latn"):
-        export_checkpoint(tiny_hf_dir, index_path, tmp_path / "x", directions=[(FRA, "zul_Latn")], progress=False)
+        export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / "x", directions=[(FRA, "zul_Latn")], progress=False)
     code = main(["export", "--model", str(tiny_hf_dir), "--experts", str(index_path), "--src", "fra_Latn", "--tgt", "deu_Latm", "--out", str(tmp_path / "y")])
     assert code == 2
     assert "did you mean deu_Latn" in capsys.readouterr().err
@@ -253,14 +253,14 @@ def test_bad_direction_flags(kwargs, message):
 
 def test_per_language_index_needs_directions(tmp_path, tiny_hf_dir, index_path):
     with pytest.raises(ExportError, match=r"say which directions to export with --src/--tgt, --langs or --pairs \(it has 3 entries"):
-        export_checkpoint(tiny_hf_dir, index_path, tmp_path / "x", progress=False)
+        export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / "x", progress=False)
 
 
 def test_index_for_another_topology_is_refused(tmp_path, tiny_hf_dir):
     path = tmp_path / "big.json"
     path.write_text(json.dumps([1, 2, 5000]))
     with pytest.raises(ExpertIndexError, match=r"expert id\(s\) \[5000\] outside 0..1535"):
-        export_checkpoint(tiny_hf_dir, path, tmp_path / "x", directions=[(FRA, DEU)], progress=False)
+        export_checkpoint(tiny_hf_dir, experts=path, out=tmp_path / "x", directions=[(FRA, DEU)], progress=False)
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path, tiny_hf_dir, index_path, capsys):
@@ -277,7 +277,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, tiny_hf_dir, inde
 
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
 def test_failed_write_leaves_no_partial_export_and_keeps_the_old_one(tmp_path, tiny_hf_dir, index_path, monkeypatch, failure):
-    out = export_checkpoint(tiny_hf_dir, index_path, tmp_path / "out", directions=[(FRA, DEU)], progress=False)
+    out = export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / "out", directions=[(FRA, DEU)], progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = {"n": 0}
     original = writer.ShardWriter.add
@@ -290,18 +290,18 @@ def test_failed_write_leaves_no_partial_export_and_keeps_the_old_one(tmp_path, t
 
     monkeypatch.setattr(writer.ShardWriter, "add", failing_add)
     with pytest.raises(type(failure)):
-        export_checkpoint(tiny_hf_dir, index_path, out, directions=[(DEU, ENG)], overwrite=True, max_shard_bytes=20_000, progress=False)
+        export_checkpoint(tiny_hf_dir, experts=index_path, out=out, directions=[(DEU, ENG)], overwrite=True, max_shard_bytes=20_000, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary directory left behind"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     calls["n"] = 0
     with pytest.raises(type(failure)):
-        export_checkpoint(tiny_hf_dir, index_path, tmp_path / "new", directions=[(DEU, ENG)], progress=False)
+        export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / "new", directions=[(DEU, ENG)], progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_source_equal_to_output_is_refused(tiny_hf_dir, index_path):
     with pytest.raises(Exception, match="is the source checkpoint itself"):
-        export_checkpoint(tiny_hf_dir, index_path, tiny_hf_dir, directions=[(FRA, DEU)], overwrite=True, progress=False)
+        export_checkpoint(tiny_hf_dir, experts=index_path, out=tiny_hf_dir, directions=[(FRA, DEU)], overwrite=True, progress=False)
 
 
 # ---- prune = select + export -------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def test_prune_equals_select_then_export(tmp_path, tiny_hf_dir, topology, capsys
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed
     assert (out / "experts.json").read_text() == (tmp_path / "selected.json").read_text()
-    by_hand = export_checkpoint(tiny_hf_dir, tmp_path / "selected.json", tmp_path / "by_hand", directions=parse_directions(langs=[FRA, DEU]), dtype=torch.float32, progress=False)
+    by_hand = export_checkpoint(tiny_hf_dir, experts=tmp_path / "selected.json", out=tmp_path / "by_hand", directions=parse_directions(langs=[FRA, DEU]), dtype=torch.float32, progress=False)
     assert (out / "model.safetensors").read_bytes() == (by_hand / "model.safetensors").read_bytes()
     manifest = read_manifest(out)
     selection = manifest["selection"]
@@ -363,7 +363,7 @@ def test_export_loads_in_plain_transformers_with_the_same_outputs(tmp_path, tiny
     import subprocess
     import sys
 
-    out = export_checkpoint(tiny_hf_dir, index_path, tmp_path / "multi", directions=parse_directions(langs=list(ef.LANGS)), dtype=torch.float32, progress=False)
+    out = export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / "multi", directions=parse_directions(langs=list(ef.LANGS)), dtype=torch.float32, progress=False)
     assert (out / "modeling_nllb_moe_pruned.py").is_file()
     batch = {k: v.tolist() for k, v in tiny_batch.items()}
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}

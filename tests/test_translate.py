@@ -28,7 +28,7 @@ def export_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     root = tmp_path_factory.mktemp("translate")
     source = ef.talkative_hf_dir(root / "full", tiny_tokenizer_dir)
     index = ef.write_lang_index(root / "experts.json", open_checkpoint(source).topology)
-    return export_checkpoint(source, index, root / "fra-deu-eng", directions=parse_directions(pairs=[f"{FRA}-{DEU}", f"{DEU}-{ENG}"]), dtype=None, progress=False)
+    return export_checkpoint(source, experts=index, out=root / "fra-deu-eng", directions=parse_directions(pairs=[f"{FRA}-{DEU}", f"{DEU}-{ENG}"]), dtype=None, progress=False)
 
 
 # ---- batching --------------------------------------------------------------------------------------

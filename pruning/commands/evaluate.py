@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {message}\n"
     model = load_for_translation(config.model, device=config.device, dtype=config.dtype)
     result = evaluate_model(
-        model, config.data, config.out, directions=directions, split=config.split, max_sentences=config.max_sentences,
+        model, data=config.data, out=config.out, directions=directions, split=config.split, max_sentences=config.max_sentences,
         options=config.decoding(), spm=config.spm, model_path=config.model, progress=sys.stderr.isatty(),
     )
     mean = result.summary["mean"]

@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     directions = parse_directions(src=config.src, tgt=config.tgt, langs=config.langs, pairs=config.pairs)
     out = export_checkpoint(
         config.model,
-        config.experts,
-        config.out,
+        experts=config.experts,
+        out=config.out,
         directions=directions,
         dtype=parse_dtype(config.dtype),
         overwrite=config.overwrite,

@@ -103,8 +103,8 @@ def prune(config: PruneConfig, *, progress: bool = True) -> list[str]:
     }
     out = export_checkpoint(
         config.model,
-        selection.index,
-        config.out,
+        experts=selection.index,
+        out=config.out,
         directions=config.directions(),
         dtype=parse_dtype(config.dtype),
         overwrite=config.overwrite,
