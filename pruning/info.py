@@ -85,8 +85,15 @@ def _manifest_lines(manifest: dict[str, Any]) -> list[str]:
     index = manifest.get("index") or {}
     if index:
         lines.append(f"index        {index.get('file')} ({index.get('kind')}, sha256 {str(index.get('sha256'))[:16]})")
-    if manifest.get("selection"):
-        lines.append(f"selection    {', '.join(f'{k}={v}' for k, v in sorted(manifest['selection'].items()))}")
+    selection = manifest.get("selection") or {}
+    if isinstance(selection.get("options"), dict):
+        options = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(selection["options"].items()) if v not in (None, [], ""))
+        lines.append(f"selection    {selection.get('command', '?')}: {options}")
+    elif selection:
+        lines.append(f"selection    {', '.join(f'{k}={v}' for k, v in sorted(selection.items()))}")
+    stats = selection.get("statistics") if isinstance(selection.get("statistics"), dict) else None
+    if stats:
+        lines.append(f"statistics   {stats.get('file')} (sha256 {str(stats.get('sha256'))[:16]})")
     lines.append(f"directions   {len(directions)} (experts each routes over):")
     for key in sorted(directions)[:40]:
         lines.append(f"  {'any direction' if key == '*' else key:<24} {len(directions[key])}")
