@@ -372,3 +372,23 @@ def test_batches_follow_the_token_budget_and_never_depend_on_order():
     assert ids.tolist() == [[2, 7, 8], [2, 7, 1]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
     assert collect.hypothesis_labels(torch.tensor([[2, 7, 9, 2, 1, 1], [2, 7, 9, 9, 9, 9]]), eos_id=2) == [[7, 9, 2], [7, 9, 9, 9, 9]]
 
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 36, 128])
+def test_rank_sums_numpy_and_torch_paths_agree(rows):
+    """The CPU path packs row ids into float64 keys; it must rank exactly like a stable argsort, ties included."""
+    from pruning.stats.collect import _rank_sums_numpy, _rank_sums_torch
+
+    g = torch.Generator().manual_seed(rows)
+    logits = (torch.randn(300, rows, generator=g) * 12).float()
+    logits[:40] = torch.randint(-2, 3, (40, rows), generator=g).float()  # many exact ties, zeros of both signs
+    logits[40:60] = -logits[40:60].abs() * 0.0  # -0.0 and +0.0
+    if rows > 2:
+        logits[60:80, : rows // 2] = float("-inf")  # inactive rows
+    first = logits.argmax(1)
+    second = logits.scatter(1, first[:, None], float("-inf")).argmax(1) if rows > 1 else first
+    real = (torch.rand(300, generator=g) > 0.2).to(torch.float64)
+    fast = _rank_sums_numpy(logits, first=first, second=second, real=real)
+    exact = _rank_sums_torch(logits, first=first, second=second, real=real)
+    assert torch.equal(fast, exact)
+    assert float(fast.sum()) == float(real.sum()) * rows * (rows + 1) / 2
