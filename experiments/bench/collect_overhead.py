@@ -19,6 +19,7 @@ Results: ``experiments/results/collect_overhead_{cpu|gpu}.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -156,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['dispatch']:>8} {batch_tokens:>5} tokens/batch: plain {row['plain_s'] * 1000:.1f} ms, "
                   f"collect {row['collect_s'] * 1000:.1f} ms, ratio {row['ratio']:.4f} (overhead {row['overhead_pct']:+.2f}%)")
     name = args.name or f"collect_overhead_{'gpu' if device.type == 'cuda' else 'cpu'}"
-    payload = {"signature": signature(device), "model": what, "sentences": len(pairs), "repeats": args.repeats,
+    sig = signature(device)
+    sig["load_average_1_5_15"] = " ".join(f"{x:.2f}" for x in os.getloadavg())  # shared machines: timings are noisy
+    payload = {"signature": sig, "model": what, "sentences": len(pairs), "repeats": args.repeats,
                "target": "overhead < 5%", "results": rows}
     table_rows = [
         {"dispatch": r["dispatch"], "batch tokens": r["batch_tokens"], "batches": r["batches"], "tokens": r["tokens"], "plain ms": r["plain_s"] * 1000,
