@@ -643,8 +643,6 @@ def _collect_rounds(
             stats.save(out)
         bar.update(len(round_dirs))
     bar.close()
-    if ctx.is_main and stats is not None and not todo:
-        stats.save(out)
 
 
 def _run_direction(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -155,7 +155,3 @@ def _process_device(device: str, local_rank: int) -> torch.device:
         target = torch.device("cuda", local_rank)
     return target
 
-
-def rank_zero_print(ctx: Optional[Context], *args: Any) -> None:
-    if ctx is None or ctx.is_main:
-        print(*args)
