@@ -69,3 +69,24 @@ collect-stats: setup ## routing statistics into/out of LANG (make collect-stats 
 		echo "usage: make collect-stats LANG=fra_Latn [MODEL=checkpoint] [FLORES=flores200_dataset] [ARGS='key=value ...']" >&2; exit 2; fi
 	LANG=C.UTF-8 $(CLI) stats --config conf/collect_stats.yaml model=$(MODEL) data=$(FLORES) lang=$(LANG) \
 		out=$(OUT)/stats/$(LANG).safetensors $(ARGS)
+
+.PHONY: testbed testbed-data testbed-stats paper-studies paper-report
+TESTBED_LANGS = qbe_Latn,qbo_Latn,qbr_Cyrl,qen_Latn,qka_Cyrl,qkl_Latn,qko_Cyrl,qmi_Latn,qta_Grek,qti_Grek
+
+testbed-data: setup ## regenerate the synthetic corpus and its tokenizer (deterministic, ~15 s)
+	$(PY) -m experiments.testbed.corpus --out experiments/testbed/data --seed 0
+	$(PY) -m experiments.testbed.tokenizer --data experiments/testbed/data --out experiments/testbed/data/tokenizer
+
+testbed: setup ## retrain the testbed model (resumable; MINUTES=85 by default, DEVICE=cpu|cuda)
+	$(PY) -m experiments.testbed.train --max-minutes $(or $(MINUTES),85) --device $(or $(DEVICE),cpu) --eval-every 300 --eval-sentences 30
+
+testbed-stats: setup ## routing statistics of the testbed on dev (teacher forcing, all 90 directions)
+	$(CLI) stats --model experiments/testbed/model --data experiments/testbed/data/flores --split dev \
+		--langs $(TESTBED_LANGS) --out $(OUT)/testbed-stats.safetensors --resume
+
+paper-studies: testbed-stats ## the paper's comparisons on the testbed (hydra multiruns), then the report
+	bash experiments/paper/run_studies.sh
+	$(PY) -m experiments.paper.report
+
+paper-report: setup
+	$(PY) -m experiments.paper.report

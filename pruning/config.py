@@ -141,7 +141,10 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
             return float(value)
         if kind in (list, tuple):
             if isinstance(value, str):
-                items = [v.strip() for v in value.split(",") if v.strip()]
+                text = value.strip()
+                if text.startswith("[") and text.endswith("]"):  # hydra list syntax: key=[a,b]
+                    text = text[1:-1]
+                items = [v.strip().strip("'\"") for v in text.split(",") if v.strip()]
             else:
                 items = list(value)
             return kind(items)

@@ -70,7 +70,12 @@ def format_description(info: dict[str, Any]) -> str:
         f"= {gib(info['bytes']['total']):.3f} GiB",
         "per MoE layer (experts, params):",
     ]
-    for name, slot in info["per_moe_layer"].items():
+    def layer_order(name: str) -> tuple[int, int]:
+        side, layer = name.split(".")
+        return (0 if side == "encoder" else 1, int(layer))
+
+    for name in sorted(info["per_moe_layer"], key=layer_order):
+        slot = info["per_moe_layer"][name]
         lines.append(f"  {name:<12} {slot['experts']:>4}  {slot['params'] / 1e6:,.2f}M")
     lines.append(f"tokenizer    {info['tokenizer'] or 'not found'}")
     if info.get("manifest"):
