@@ -109,7 +109,7 @@ def plot_usage_heatmap(stats: RoutingStats, lang: str, path: str | os.PathLike[s
     image = ax.imshow(np.ma.masked_invalid(usage), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(topology.num_moe_layers), _layer_labels(topology))
     ax.set_xlabel("expert")
-    ax.set_title(f"{lang}: {metric} per expert (encoder rows: {lang} as source; decoder rows: {lang} as target)")
+    ax.set_title(f"{lang}: {metric} per expert (encoder rows: {lang} as source; decoder rows: {lang} as target)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
     fig.tight_layout()
     return _save(fig, path)
@@ -138,7 +138,7 @@ def plot_experts_per_layer(index: ExpertIndex, topology: Topology, path: str | o
     ax.set_xticks(x, _layer_labels(topology), rotation=45)
     ax.set_ylabel("experts kept")
     entries = {"all": "one list", "pair": f"{len(per_entry)} directions", "lang": f"{len(per_entry)} languages"}[index.kind]
-    ax.set_title(f"Experts kept per MoE layer ({entries}; green: encoder, blue: decoder)")
+    ax.set_title(f"Experts kept per MoE layer ({entries}; green: encoder, blue: decoder)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -171,7 +171,7 @@ def plot_language_similarity(
     names = [langs[i] for i in order]
     ax.set_xticks(range(n), names, rotation=90, fontsize=font)
     ax.set_yticks(range(n), names, fontsize=font)
-    ax.set_title(f"Jaccard similarity of kept {side} experts ({n} languages, average-linkage order)")
+    ax.set_title(f"Jaccard similarity of kept {side} experts ({n} languages, average-linkage order)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.01)
     fig.tight_layout()
     return _save(fig, path, dpi=200 if n > 60 else 120)
