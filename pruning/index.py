@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
+from pruning.atomic import write_text
 from pruning.errors import UserError
 from pruning.topology import NLLB_MOE_54B, SIDES, Side, Topology
 
@@ -107,21 +108,13 @@ def read_index(path: str | os.PathLike[str]) -> ExpertIndex:
 def write_index(index: ExpertIndex, path: str | os.PathLike[str]) -> Path:
     """Write ``index`` as JSON, one entry per line, atomically (temporary name, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = index.to_json_data()
     if isinstance(data, list):
         text = json.dumps(data) + "\n"
     else:
         lines = [f"  {json.dumps(key)}: {json.dumps(ids)}" for key, ids in data.items()]
         text = "{\n" + ",\n".join(lines) + "\n}\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_text(path, text)
 
 
 # ---- checks --------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
+from pruning.atomic import write_text
 from pruning.errors import UserError
 from pruning.topology import Side, Topology
 
@@ -103,15 +104,7 @@ def _dump(value: Any, depth: int) -> str:
 
 def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
     """Write ``directory/pruning_manifest.json`` through a temporary name and a rename."""
-    path = Path(directory) / MANIFEST_NAME
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(dumps(manifest), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_text(Path(directory) / MANIFEST_NAME, dumps(manifest))
 
 
 def build_manifest(

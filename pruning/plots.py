@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pruning.atomic import atomic_path
 from pruning.errors import UserError
 from pruning.index import ExpertIndex, layer_counts
 from pruning.stats.counters import RoutingStats, split_direction
@@ -183,13 +184,6 @@ def _layer_labels(topology: Topology) -> list[str]:
 
 def _save(fig: object, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
     """Write the figure as PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)  # type: ignore[attr-defined]
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from pruning import load_model
-from pruning.checkpoint import reader as reader_module
 from pruning.checkpoint import torch_zip, writer
 from pruning.checkpoint.reader import open_checkpoint
 from pruning.cli import main

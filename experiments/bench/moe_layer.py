@@ -69,7 +69,6 @@ def run_case(*, experts: int, tokens: int, d_model: int, ffn: int, dtype: torch.
             row["speedup_vs_reference"] = row["reference_ms"] / best
         best = min(v for k, v in row.items() if k in ("grouped_ms", "loop_ms"))
         row["best_over_floor"] = best / row["floor_ms"]
-    del layer
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

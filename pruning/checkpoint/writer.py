@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
+from pruning.atomic import write_text
 from pruning.checkpoint.torch_zip import CheckpointError
 
 DEFAULT_SHARD_BYTES = 4 * 2**30
@@ -48,10 +49,7 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False) -> Iterator[Pa
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 class ShardWriter:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from pruning.atomic import write_text
 from pruning.config import ConfigError, add_dataclass_flags, resolve
 
 NAME = "translate"
@@ -63,15 +63,7 @@ def write_lines(path: Optional[str], lines: list[str]) -> None:
         sys.stdout.write(body)
         sys.stdout.flush()
         return
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(body, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text(path, body)
 
 
 def run(args: argparse.Namespace) -> int:

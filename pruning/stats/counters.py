@@ -37,6 +37,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from pruning.atomic import atomic_path
 from pruning.errors import UserError
 from pruning.topology import Topology, TopologyError
 
@@ -171,13 +172,8 @@ class RoutingStats:
             "topology": json.dumps(self.topology.to_dict(), sort_keys=True),
             "info": json.dumps(self.info, sort_keys=True, default=str),
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return path
 
     @classmethod

@@ -36,6 +36,7 @@ from typing import Any, Iterable
 
 import torch
 
+from pruning.atomic import write_text
 from pruning.stats.counters import RoutingStats, StatsError, split_direction
 from pruning.topology import NLLB_MOE_54B, Topology
 
@@ -200,16 +201,7 @@ def write_paper_json(
     """Write ``stats`` as a paper ``stats-*.json``, atomically."""
     stats.validate(what="statistics to export")
     data = stats_to_paper_data(stats, directions=directions, languages=languages)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_text(path, json.dumps(data))
 
 
 def _num(value: float) -> float | int:
