@@ -64,6 +64,12 @@ def generate_once(model, batch, *, beam: int, new_tokens: int, device: torch.dev
     return time.perf_counter() - start
 
 
+def timed(model, batch, *, args: argparse.Namespace, device: torch.device) -> float:  # noqa: ANN001
+    """Median of ``--repeats`` timed generations (seconds)."""
+    runs = sorted(generate_once(model, batch, beam=args.beam, new_tokens=args.new_tokens, device=device) for _ in range(args.repeats))
+    return runs[len(runs) // 2]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--enc-experts", type=int, default=36)
     parser.add_argument("--dec-experts", type=int, default=12)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per layer kind (median reported)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     generate_once(model, batch, beam=args.beam, new_tokens=4, device=device)  # warm-up
-    seconds = generate_once(model, batch, beam=args.beam, new_tokens=args.new_tokens, device=device)
+    seconds = timed(model, batch, args=args, device=device)
     ours = {"layer": f"ours ({model.dispatch_name})", "seconds": seconds, "tokens_per_s": args.batch * args.new_tokens / seconds}
     if device.type == "cuda":
         ours["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         generate_once(model, batch, beam=args.beam, new_tokens=4, device=device)
-        seconds = generate_once(model, batch, beam=args.beam, new_tokens=args.new_tokens, device=device)
+        seconds = timed(model, batch, args=args, device=device)
         ref = {"layer": "transformers 4.57 NllbMoeSparseMLP", "seconds": seconds, "tokens_per_s": args.batch * args.new_tokens / seconds}
         if device.type == "cuda":
             ref["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(ref, flush=True)
     sig = signature(device) | {"dtype": str(dtype), "params": params, "d_model": config.d_model, "ffn": config.encoder_ffn_dim,
                                "vocab": config.vocab_size, "experts_per_layer": f"{args.enc_experts} enc / {args.dec_experts} dec",
-                               "batch": args.batch, "beam": args.beam, "src_len": args.src_len, "new_tokens": args.new_tokens}
+                               "batch": args.batch, "beam": args.beam, "repeats": args.repeats, "src_len": args.src_len, "new_tokens": args.new_tokens}
     table = markdown_table(rows, ["layer", "seconds", "tokens_per_s", "peak_GiB", "speedup_vs_reference"])
     paths = write_results(args.name or f"bench_generation_{device.type}", {"signature": sig, "rows": rows}, table)
     print(table)

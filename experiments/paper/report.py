@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     plot = plot_ratio_curves(runs, full, args.results)
     if plot:
         parts += ["", f"![chrF++ against pruning ratio]({plot.name})"]
+    parts += ["", "What these numbers say about the paper's findings: [FINDINGS.md](FINDINGS.md)."]
     (args.results / "README.md").write_text("\n".join(parts) + "\n")
     print("\n".join(parts))
     return 0

@@ -54,7 +54,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     topology = model.topology
     flores = FloresDir(cfg.data)
     languages = flores.languages(cfg.split)
-    directions = sample_directions(languages, OmegaConf.to_object(cfg.directions), seed=cfg.seed)
+    spec = cfg.directions if isinstance(cfg.directions, int) else list(cfg.directions)
+    directions = sample_directions(languages, spec, seed=cfg.seed)
     options = SelectOptions(**{k: v for k, v in OmegaConf.to_object(cfg.select).items() if v is not None})
     options.validate()
     kept: dict[str, list[int]] | None = None
