@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--directions", type=int, default=12, help="directions evaluated (seeded sample)")
     parser.add_argument("--sentences", type=int, default=50, help="devtest sentences per evaluated direction")
     parser.add_argument("--stats-sentences", type=int, default=100, help="dev sentences per direction for the statistics")
+    parser.add_argument("--no-record", action="store_true", help="do not write experiments/results/demo.json")
     args = parser.parse_args(argv)
     started = time.time()
     out: Path = args.out
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "mean_chrf++": mean, "chrf++": rows, "seconds": round(time.time() - started, 1),
         "command": "make demo (" + " ".join(["python -m experiments.demo", *sys.argv[1:]]) + ")",
     }
-    if not args.tiny and model == TESTBED / "model":
+    if not args.tiny and not args.no_record and model == TESTBED / "model":
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     (out / "demo.json").write_text(json.dumps(result, indent=1) + "\n")

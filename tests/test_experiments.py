@@ -1,0 +1,60 @@
+"""The embedded default end to end (`make demo`), and the study helpers on constructed data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.paper.study import random_index, sample_directions
+from experiments.testbed.routing_report import jaccard_of_top_sets, specificity
+from pruning.index import ExpertIndex, layer_counts
+from pruning.topology import Topology
+
+TESTBED_MODEL = Path(__file__).resolve().parents[1] / "experiments" / "testbed" / "model"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (TESTBED_MODEL / "config.json").is_file(), reason="the trained testbed is not in the checkout")
+def test_demo_runs_end_to_end_on_the_testbed(tmp_path, monkeypatch):
+    from experiments import demo
+
+    monkeypatch.chdir(TESTBED_MODEL.parents[2])
+    assert demo.main(["--out", str(tmp_path / "demo"), "--no-record", "--directions", "3", "--sentences", "8", "--stats-sentences", "10"]) == 0
+    result = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert result["directions"] == 3
+    assert result["mean_chrf++"]["full"] > 50  # the testbed translates
+    assert (tmp_path / "demo" / "pruned" / "pruning_manifest.json").is_file()
+    assert len(list((tmp_path / "demo" / "plots").glob("*.png"))) >= 3
+
+
+def test_random_index_keeps_per_layer_counts():
+    topology = Topology(encoder_layers=4, decoder_layers=4, encoder_sparse_step=2, decoder_sparse_step=2, num_experts=16,
+                        d_model=8, ffn_dim=16, vocab_size=10)
+    selected = ExpertIndex.from_entries("lang", {"aaa_Latn": [0, 1, 2, 16, 17, 40, 50, 51], "bbb_Latn": [3, 20, 21, 33, 60]})
+    drawn = random_index(selected, topology, seed=1)
+    for key, ids in selected.entries.items():
+        assert layer_counts(drawn[key], topology) == layer_counts(ids, topology)
+    assert drawn != {k: list(v) for k, v in selected.entries.items()}
+    assert random_index(selected, topology, seed=1) == drawn  # seeded
+
+
+def test_sample_directions_is_seeded_and_distinct():
+    langs = ["a", "b", "c", "d"]
+    picked = sample_directions(langs, 5, seed=0)
+    assert len(set(picked)) == 5 and all(s != t for s, t in picked)
+    assert sample_directions(langs, 5, seed=0) == picked
+    assert sample_directions(langs, ["a-b"], seed=0) == [("a", "b")]
+
+
+def test_routing_specificity_on_constructed_counts():
+    # language x sends 90% of its tokens to experts 0 and 1, language y (fewer tokens) to experts 2 and 3
+    x = torch.tensor([[90.0, 90.0, 10.0, 10.0]])
+    y = torch.tensor([[5.0, 5.0, 45.0, 45.0]])
+    rows = specificity({"x": x, "y": y}, k=2)
+    assert rows["x"]["own_top_k"] == pytest.approx(0.9) and rows["y"]["own_top_k"] == pytest.approx(0.9)
+    # the 2 experts used most overall are x's: they take 90% of x's tokens but only 10% of y's
+    assert rows["x"]["shared_top_k"] == pytest.approx(0.9) and rows["y"]["shared_top_k"] == pytest.approx(0.1)
+    assert jaccard_of_top_sets({"x": x, "y": y}, k=2) == 0.0
