@@ -97,7 +97,7 @@ def test_missing_counter_and_unknown_metric_are_clear_errors() -> None:
     del counters["conf1"]
     with pytest.raises(MetricError, match="needs counter 'conf1'"):
         compute_metric("importance", counters)
-    with pytest.raises(MetricError, match="unknown metric 'importnce'; known metrics: conf1, conf2, importance"):
+    with pytest.raises(MetricError, match="unknown metric 'importnce'; known metrics: conf1, conf2, .*importance"):
         compute_metric("importnce", hand_counters())
     assert issubclass(MetricError, metrics.MetricError) and issubclass(MetricError, ValueError)
 

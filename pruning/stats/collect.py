@@ -34,6 +34,7 @@ import torch
 from pruning.config import ConfigError
 from pruning.model.moe import MoeLayer, Routing
 from pruning.stats.counters import BASE_COUNTERS, RoutingStats, StatsError, direction_key, split_direction
+from pruning.stats.outputs import OUTPUT_COUNTERS, output_counters, tap_dispatch
 from pruning.topology import SHORT_SIDE
 
 ROW_COUNTERS = ("top1", "top2", "gate", "conf1", "conf2", "rank")
@@ -156,19 +157,39 @@ class RoutingCollector:
     counters still have E columns. The hooks only read the layer's output; they never change it.
     """
 
-    def __init__(self, model: Any, *, num_experts: int):
+    def __init__(self, model: Any, *, num_experts: int, expert_outputs: bool = False):
         self.num_experts = num_experts
         self.enabled = True
+        self.expert_outputs = expert_outputs
         self._handles = []
+        self._tapped: list[tuple[MoeLayer, Any]] = []  # (layer, its own dispatch) to restore on close
         self._layers: dict[str, list[MoeLayer]] = {"enc": [], "dec": []}
         for side, _, moe in model.moe_layers():
             short = SHORT_SIDE[side]
             row = len(self._layers[short])
             self._layers[short].append(moe)
             self._handles.append(moe.register_forward_hook(self._hook(short, row)))
+            if expert_outputs:
+                self._tapped.append((moe, moe.dispatch))
+                moe.dispatch = tap_dispatch(moe.dispatch, self._outputs_hook(short, row), enabled=lambda: self.enabled)
         self._acc: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, torch.Tensor] = {}
+        self._out: dict[str, dict[str, torch.Tensor]] = {}  # side -> {"rows" [Ls, C', E], "out_sum" [Ls, E, D], "coact" [Ls, E, E]}
         self.reset()
+
+    def _outputs_hook(self, side: str, row: int):  # noqa: ANN202 - called by the tapped dispatch
+        def hook(routing: Routing, expert: torch.Tensor, token: torch.Tensor, y: torch.Tensor) -> None:
+            rows, out_sum, coact = output_counters(routing, expert, token, y, num_experts=self.num_experts)
+            acc = self._out[side]
+            if acc["rows"].device != rows.device:
+                self._out[side] = acc = {name: value.to(rows.device) for name, value in acc.items()}
+            i_max = OUTPUT_COUNTERS.index("max_abs")
+            acc["rows"][row, :i_max] += rows[:i_max]
+            acc["rows"][row, i_max] = torch.maximum(acc["rows"][row, i_max], rows[i_max])
+            acc["out_sum"][row] += out_sum
+            acc["coact"][row] += coact
+
+        return hook
 
     def _hook(self, side: str, row: int):  # noqa: ANN202 - a forward hook
         def hook(module: MoeLayer, inputs: Any, output: Any) -> None:
@@ -195,10 +216,20 @@ class RoutingCollector:
             # [Ls, C, E] and [Ls], float64 on the model's device
             self._acc[side] = torch.zeros(len(layers), len(ROW_COUNTERS), self.num_experts, dtype=torch.float64, device=device)
             self._tokens[side] = torch.zeros(len(layers), dtype=torch.float64, device=device)
+            if self.expert_outputs:
+                d_model = layers[0].experts.fc1_weight.shape[2] if layers else 0
+                self._out[side] = {
+                    "rows": torch.zeros(len(layers), len(OUTPUT_COUNTERS), self.num_experts, dtype=torch.float64, device=device),
+                    "out_sum": torch.zeros(len(layers), self.num_experts, d_model, dtype=torch.float64, device=device),
+                    "coact": torch.zeros(len(layers), self.num_experts, self.num_experts, dtype=torch.float64, device=device),
+                }
 
     def flat(self) -> torch.Tensor:
         """Every accumulator as one float64 vector on the device (for an all-reduce); see :meth:`unflatten`."""
-        return torch.cat([t.reshape(-1) for side in ("enc", "dec") for t in (self._acc[side], self._tokens[side])])
+        parts = [t.reshape(-1) for side in ("enc", "dec") for t in (self._acc[side], self._tokens[side])]
+        if self.expert_outputs:  # after the routing counters: [Ls, C', E], [Ls, E, D], [Ls, E, E] per side
+            parts += [self._out[side][name].to(parts[0].device).reshape(-1) for side in ("enc", "dec") for name in ("rows", "out_sum", "coact")]
+        return torch.cat(parts)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """``{side: {counter: CPU float64 tensor}}`` from a vector laid out like :meth:`flat`."""
@@ -215,6 +246,18 @@ class RoutingCollector:
                 continue
             out[side] = {name: acc[:, i].clone() for i, name in enumerate(ROW_COUNTERS)}
             out[side]["tokens"] = tokens.clone()
+        if self.expert_outputs:
+            for side in ("enc", "dec"):
+                for name in ("rows", "out_sum", "coact"):
+                    shape = self._out[side][name].shape
+                    value = flat[start : start + shape.numel()].reshape(shape)
+                    start += shape.numel()
+                    if shape[0] == 0:
+                        continue
+                    if name == "rows":
+                        out[side].update({counter: value[:, i].clone() for i, counter in enumerate(OUTPUT_COUNTERS)})
+                    else:
+                        out[side][name] = value.clone()
         return out
 
     def take(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -235,6 +278,9 @@ class RoutingCollector:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for moe, dispatch in self._tapped:
+            moe.dispatch = dispatch
+        self._tapped = []
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -339,6 +385,7 @@ class StatsOptions:
     resume: bool = field(default=False, metadata={"help": "continue --out: skip the directions it already holds"})
     expert_parallel: int = field(default=1, metadata={"help": "ranks sharing one model's experts (torchrun); world = this x data-parallel size"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    expert_outputs: bool = field(default=False, metadata={"help": "also count expert-output norms, gate x norm, max |activation|, mean output and co-activation (runs the experts twice; docs/statistics.md)"})
 
     def validate(self) -> None:
         missing = [flag for flag, value in (("--model", self.model), ("--data", self.data), ("--out", self.out)) if not value]
@@ -361,6 +408,11 @@ class StatsOptions:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.max_sentences is not None and self.max_sentences < 1:
             raise ConfigError(f"--max-sentences must be at least 1, got {self.max_sentences}")
+        if self.expert_outputs and self.expert_parallel > 1:
+            raise ConfigError(
+                f"--expert-outputs is not supported with --expert-parallel > 1 yet (got --expert-parallel {self.expert_parallel}); "
+                "collect with --expert-parallel 1 (data parallelism under torchrun works)"
+            )
         self.directions()
 
     def directions(self) -> list[str]:
@@ -448,6 +500,7 @@ def collection_info(options: StatsOptions, model: Any, *, expert_parallel: int, 
         "max_new_tokens": options.max_new_tokens if options.mode == "beam" else None,
         "batch_tokens": options.batch_tokens,
         "dispatch": getattr(model, "dispatch_name", options.dispatch),
+        "expert_outputs": options.expert_outputs,
         "sentences": {},
         "processes": {"expert_parallel": expert_parallel, "data_parallel": data_parallel},
         "versions": versions(),
@@ -456,7 +509,7 @@ def collection_info(options: StatsOptions, model: Any, *, expert_parallel: int, 
     return info
 
 
-_RESUME_KEYS = (("model", "config_sha256"), ("model", "router_fingerprint"), ("data", "split"), ("data", "max_sentences"), ("mode",), ("beam",), ("max_new_tokens",))
+_RESUME_KEYS = (("model", "config_sha256"), ("model", "router_fingerprint"), ("data", "split"), ("data", "max_sentences"), ("mode",), ("beam",), ("max_new_tokens",), ("expert_outputs",))
 
 
 def check_resumable(previous: dict[str, Any], current: dict[str, Any], *, path: Path) -> None:
@@ -466,6 +519,8 @@ def check_resumable(previous: dict[str, Any], current: dict[str, Any], *, path: 
         diffs = []
         for keys in _RESUME_KEYS:
             old, new = _dig(info, keys), _dig(current, keys)
+            if keys == ("expert_outputs",):  # files from before the option have no key: collected without
+                old, new = bool(old), bool(new)
             if old != new:
                 diffs.append(f"{'.'.join(keys)}: file {old!r}, this run {new!r}")
         if diffs:
@@ -574,7 +629,7 @@ def collect_statistics(options: StatsOptions) -> Path:
 
         done = set(ctx.agree(start))  # every process learns which directions to skip, not the counters
         todo = [d for d in options.directions() if d not in done]
-        collector = RoutingCollector(model, num_experts=model.topology.num_experts)
+        collector = RoutingCollector(model, num_experts=model.topology.num_experts, expert_outputs=options.expert_outputs)
         try:
             _collect_rounds(options, ctx, model, collector, flores, todo, held.get("stats"), out)
         finally:
