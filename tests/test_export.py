@@ -370,7 +370,7 @@ def test_export_loads_in_plain_transformers_with_the_same_outputs(tmp_path, tiny
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    remote = torch.load(tmp_path / "remote.pt")
+    remote = torch.load(tmp_path / "remote.pt", weights_only=True)
     for name, dtype in (("fp32", "fp32"), ("bf16", "bf16")):
         ours = load_model(out, dtype=dtype)
         ours.set_dispatch("loop")  # the grouped GEMM accumulates bf16 in another order
