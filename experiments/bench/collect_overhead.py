@@ -84,7 +84,7 @@ def run_pass(model: Any, batches: list, *, device: torch.device, collector: Rout
     return time.perf_counter() - start
 
 
-def measure(model: Any, pairs: list, *, batch_tokens: int, device: torch.device, repeats: int, dispatch: str) -> dict[str, Any]:
+def measure(model: Any, pairs: list, *, batch_tokens: int, device: torch.device, repeats: int, dispatch: str, expert_outputs: bool = False) -> dict[str, Any]:
     model.set_dispatch(dispatch)
     config = model.config
     grouped = make_batches([s for s, _ in pairs], [t for _, t in pairs], batch_tokens=batch_tokens, pad_id=config.pad_token_id)
@@ -94,7 +94,7 @@ def measure(model: Any, pairs: list, *, batch_tokens: int, device: torch.device,
         dec_ids, dec_mask = decoder_inputs(b.labels, start_id=config.decoder_start_token_id, pad_id=config.pad_token_id)
         batches.append((b.input_ids.to(device), b.attention_mask.to(device), dec_ids.to(device), dec_mask.to(device)))
         tokens += int(b.attention_mask.sum()) + int(dec_mask.sum())
-    collector = RoutingCollector(model, num_experts=model.topology.num_experts)
+    collector = RoutingCollector(model, num_experts=model.topology.num_experts, expert_outputs=expert_outputs)
     collector.enabled = False
     plain, collect = [], []
     run_pass(model, batches, device=device, collector=None)  # warm-up
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None)
+    parser.add_argument("--expert-outputs", action="store_true", help="collect with the expert-output counters (stats --expert-outputs)")
     args = parser.parse_args(argv)
 
     from pruning.model.loading import parse_dtype
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     for dispatch in args.dispatch.split(","):
         for batch_tokens in (int(b) for b in str(args.batch_tokens).split(",")):
             try:
-                row = measure(model, pairs, batch_tokens=batch_tokens, device=device, repeats=args.repeats, dispatch=dispatch)
+                row = measure(model, pairs, batch_tokens=batch_tokens, device=device, repeats=args.repeats, dispatch=dispatch, expert_outputs=args.expert_outputs)
             except ValueError as exc:
                 print(f"skipping dispatch {dispatch}: {exc}")
                 break
@@ -156,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{row['dispatch']:>8} {batch_tokens:>5} tokens/batch: plain {row['plain_s'] * 1000:.1f} ms, "
                   f"collect {row['collect_s'] * 1000:.1f} ms, ratio {row['ratio']:.4f} (overhead {row['overhead_pct']:+.2f}%)")
-    name = args.name or f"collect_overhead_{'gpu' if device.type == 'cuda' else 'cpu'}"
+    name = args.name or f"collect_overhead_{'gpu' if device.type == 'cuda' else 'cpu'}{'_outputs' if args.expert_outputs else ''}"
+    if args.expert_outputs:
+        what += "; collector with --expert-outputs"
     sig = signature(device)
     sig["load_average_1_5_15"] = " ".join(f"{x:.2f}" for x in os.getloadavg())  # shared machines: timings are noisy
     payload = {"signature": sig, "model": what, "sentences": len(pairs), "repeats": args.repeats,
