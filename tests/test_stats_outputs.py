@@ -203,3 +203,19 @@ def test_missing_output_counters_say_how_to_collect_them(name):
     with pytest.raises(MetricError, match=r"without --expert-outputs.*nllb-prune stats \.\.\. --expert-outputs"):
         compute_metric(name, c)
     assert compute_metric("frequency", c).shape == (1, 3)  # routing counters are enough for frequency
+
+
+def test_resume_refuses_to_mix_files_with_and_without_expert_outputs(tiny_hf_dir, tmp_path):
+    from pruning.stats.counters import StatsError
+
+    data = make_flores(tmp_path / "flores", n=2)
+    base = dict(model=str(tiny_hf_dir), data=str(data), progress=False)
+    plain, with_outputs = tmp_path / "plain.safetensors", tmp_path / "outputs.safetensors"
+    collect_statistics(StatsOptions(**base, out=str(plain), pairs=[f"{FRA}-{DEU}"]))
+    collect_statistics(StatsOptions(**base, out=str(with_outputs), pairs=[f"{FRA}-{DEU}"], expert_outputs=True))
+    with pytest.raises(StatsError, match="expert_outputs: file False, this run True"):
+        collect_statistics(StatsOptions(**base, out=str(plain), pairs=[f"{DEU}-{FRA}"], expert_outputs=True, resume=True))
+    with pytest.raises(StatsError, match="expert_outputs: file True, this run False"):
+        collect_statistics(StatsOptions(**base, out=str(with_outputs), pairs=[f"{DEU}-{FRA}"], resume=True))
+    collect_statistics(StatsOptions(**base, out=str(with_outputs), pairs=[f"{DEU}-{FRA}"], expert_outputs=True, resume=True))
+    assert all("out_norm" in RoutingStats.load(with_outputs).side(d, "enc") for d in (f"{FRA}-{DEU}", f"{DEU}-{FRA}"))

@@ -178,8 +178,8 @@ class RoutingCollector:
         self.reset()
 
     def _outputs_hook(self, side: str, row: int):  # noqa: ANN202 - called by the tapped dispatch
-        def hook(routing: Routing, expert: torch.Tensor, token: torch.Tensor, y: torch.Tensor) -> None:
-            rows, out_sum, coact = output_counters(routing, expert, token, y, num_experts=self.num_experts)
+        def hook(routing: Routing, expert: torch.Tensor, token: torch.Tensor, k: torch.Tensor, y: torch.Tensor) -> None:
+            rows, out_sum, coact = output_counters(routing, expert, token, k, y, num_experts=self.num_experts)
             acc = self._out[side]
             if acc["rows"].device != rows.device:
                 self._out[side] = acc = {name: value.to(rows.device) for name, value in acc.items()}

@@ -27,8 +27,8 @@ OUTPUT_COUNTERS = ("routed", "out_norm", "out_norm_sq", "gate_norm", "weight_nor
 EXTRA_COUNTERS = ("out_sum", "coact")
 ALL_OUTPUT_COUNTERS = OUTPUT_COUNTERS + EXTRA_COUNTERS
 
-OutputsCallback = Callable[[Routing, torch.Tensor, torch.Tensor, torch.Tensor], None]
-"""``(routing, expert [N] local row, token [N], y [N, D])`` of one layer call."""
+OutputsCallback = Callable[[Routing, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""``(routing, expert [N] local row, token [N], k [N] choice, y [N, D])`` of one layer call."""
 
 
 def dispatched_assignments(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,8 +63,8 @@ def tap_dispatch(dispatch: Dispatch, callback: OutputsCallback, *, enabled: Call
         out = dispatch(x, routing, experts)  # [T, D], returned untouched
         if enabled():
             with torch.no_grad():
-                expert, token, _ = dispatched_assignments(routing)
-                callback(routing, expert, token, assignment_outputs(x, expert, token, experts))
+                expert, token, k = dispatched_assignments(routing)
+                callback(routing, expert, token, k, assignment_outputs(x, expert, token, experts))
         return out
 
     tapped.wrapped = dispatch  # type: ignore[attr-defined]
@@ -72,7 +72,7 @@ def tap_dispatch(dispatch: Dispatch, callback: OutputsCallback, *, enabled: Call
 
 
 def output_counters(
-    routing: Routing, expert: torch.Tensor, token: torch.Tensor, y: torch.Tensor, *, num_experts: int
+    routing: Routing, expert: torch.Tensor, token: torch.Tensor, k: torch.Tensor, y: torch.Tensor, *, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Counters of one layer call by original expert id: ``([C, E] float64, out_sum [E, D], coact [E, E])``.
 
@@ -85,8 +85,6 @@ def output_counters(
     y64 = y.to(torch.float64)  # [N, D]
     norm = y64.norm(dim=-1)  # [N]
     prob = routing.probs[token, expert].to(torch.float64)  # [N]
-    # the combine weight of each assignment: the choice k whose expert it is
-    k = (routing.expert_idx[token] == expert[:, None]).to(torch.long).argmax(dim=1)  # [N]
     weight = routing.weights[token, k].to(torch.float64)  # [N]
     zeros = torch.zeros(num_experts, dtype=torch.float64, device=device)
     rows = [
@@ -95,7 +93,7 @@ def output_counters(
         zeros.index_add(0, ids, norm * norm),
         zeros.index_add(0, ids, prob * norm),
         zeros.index_add(0, ids, weight * norm),
-        zeros.scatter_reduce(0, ids, y64.abs().amax(dim=-1) if y64.shape[1] else norm, reduce="amax", include_self=True),
+        zeros.scatter_reduce(0, ids, y64.abs().amax(dim=-1), reduce="amax", include_self=True),
     ]
     out_sum = torch.zeros(num_experts, y.shape[1], dtype=torch.float64, device=device).index_add(0, ids, y64)  # [E, D]
     both = routing.dispatched.all(dim=1)  # [T]: tokens dispatched to two experts
