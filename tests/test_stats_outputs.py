@@ -219,3 +219,27 @@ def test_resume_refuses_to_mix_files_with_and_without_expert_outputs(tiny_hf_dir
         collect_statistics(StatsOptions(**base, out=str(with_outputs), pairs=[f"{DEU}-{FRA}"], resume=True))
     collect_statistics(StatsOptions(**base, out=str(with_outputs), pairs=[f"{DEU}-{FRA}"], expert_outputs=True, resume=True))
     assert all("out_norm" in RoutingStats.load(with_outputs).side(d, "enc") for d in (f"{FRA}-{DEU}", f"{DEU}-{FRA}"))
+
+
+def test_merge_refuses_files_with_different_counters_for_one_direction():
+    import torch as _torch
+
+    from pruning.stats.counters import RoutingStats, StatsError
+    from pruning.topology import Topology
+
+    topology = Topology(encoder_layers=2, decoder_layers=2, encoder_sparse_step=2, decoder_sparse_step=2, num_experts=4,
+                        d_model=8, ffn_dim=16, vocab_size=10)
+    plain = RoutingStats(topology)
+    plain.add("aaa_Latn-bbb_Latn", "enc", "top1", _torch.ones(1, 4))
+    richer = RoutingStats(topology)
+    richer.add("aaa_Latn-bbb_Latn", "enc", "top1", _torch.ones(1, 4))
+    richer.add("aaa_Latn-bbb_Latn", "enc", "out_norm", _torch.ones(1, 4))
+    with pytest.raises(StatsError, match=r"aaa_Latn-bbb_Latn \(enc\) has counters \['out_norm'\] in only one"):
+        plain.merge(richer, what="b.safetensors")
+    other_direction = RoutingStats(topology)
+    other_direction.add("bbb_Latn-aaa_Latn", "enc", "top1", _torch.ones(1, 4))
+    other_direction.add("bbb_Latn-aaa_Latn", "enc", "out_norm", _torch.ones(1, 4))
+    assert plain.merge(other_direction).directions == ["aaa_Latn-bbb_Latn", "bbb_Latn-aaa_Latn"]
+    imported = RoutingStats(topology, info={"normalised": True})
+    with pytest.raises(StatsError, match="paper's JSON"):
+        plain.merge(imported)

@@ -108,6 +108,7 @@ class RoutingStats:
     def merge(self, other: "RoutingStats", *, what: str = "the other statistics") -> "RoutingStats":
         """Add ``other``'s counters into a copy of this one; refuses another model topology."""
         self.topology.check_same_routing(other.topology, what=what)
+        self._check_compatible(other, what=what)
         out = RoutingStats(self.topology, {}, dict(self.info))
         for source in (self, other):
             for direction, side, name, value in source.items():
@@ -115,6 +116,26 @@ class RoutingStats:
         sources = list(self.info.get("merged_from", [self.info])) + list(other.info.get("merged_from", [other.info]))
         out.info = {"merged_from": sources}
         return out
+
+    def is_normalised(self) -> bool:
+        """Imported from the paper's JSON (per-token shares, not counts); see pruning.stats.paper_json."""
+        return any(info.get("normalised") for info in self.info.get("merged_from", [self.info]))
+
+    def _check_compatible(self, other: "RoutingStats", *, what: str) -> None:
+        """Refuse sums that would mean nothing: shares with counts, or a direction with different counters."""
+        if self.is_normalised() != other.is_normalised():
+            raise StatsError(
+                f"{what}: cannot merge statistics imported from the paper's JSON (normalised shares) with "
+                "collected counts; select from each separately"
+            )
+        for direction in sorted(set(self.counters) & set(other.counters)):
+            for side in sorted(set(self.counters[direction]) & set(other.counters[direction])):
+                mine, theirs = set(self.counters[direction][side]), set(other.counters[direction][side])
+                if mine != theirs:
+                    raise StatsError(
+                        f"{what}: direction {direction} ({side}) has counters {sorted(theirs ^ mine)} in only one of the "
+                        "files (collected with and without --expert-outputs?); merging would count them over part of the tokens"
+                    )
 
     # ---- reading -----------------------------------------------------------------------------
     @property
