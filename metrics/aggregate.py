@@ -14,17 +14,22 @@ from typing import Literal, Sequence
 import torch
 
 from metrics.registry import Counters, MetricError, compute_metric
+from pruning.stats.counters import MAX_COUNTERS
 
 Aggregation = Literal["tokens", "mean"]
 AGGREGATIONS: tuple[Aggregation, ...] = ("tokens", "mean")
 
 
 def sum_counters(sides: Sequence[Counters]) -> dict[str, torch.Tensor]:
-    """Element-wise sum of the counters present in every one of ``sides``."""
+    """Combine the counters present in every one of ``sides``: sums, except maxima (``MAX_COUNTERS``)."""
     common = set(sides[0])
     for side in sides[1:]:
         common &= set(side)
-    return {name: torch.stack([s[name].to(torch.float64) for s in sides]).sum(0) for name in sorted(common)}
+    out = {}
+    for name in sorted(common):
+        stacked = torch.stack([s[name].to(torch.float64) for s in sides])
+        out[name] = stacked.amax(0) if name in MAX_COUNTERS else stacked.sum(0)
+    return out
 
 
 def aggregate_metric(

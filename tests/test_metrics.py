@@ -170,3 +170,13 @@ def test_mean_aggregation_names_a_direction_without_tokens() -> None:
     )
     with pytest.raises(MetricError, match="--aggregate must be one of tokens, mean"):
         aggregate_metric("top1", [("a", a)], how="median")  # type: ignore[arg-type]
+
+
+def test_sum_counters_takes_the_maximum_of_max_counters():
+    from metrics.aggregate import sum_counters
+
+    a = {"top1": torch.tensor([[1.0, 2.0]]), "max_abs": torch.tensor([[3.0, 1.0]])}
+    b = {"top1": torch.tensor([[4.0, 0.0]]), "max_abs": torch.tensor([[2.0, 5.0]])}
+    out = sum_counters([a, b])
+    assert out["top1"].tolist() == [[5.0, 2.0]]
+    assert out["max_abs"].tolist() == [[3.0, 5.0]]
