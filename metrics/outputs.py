@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from metrics.builtin import topk
 from metrics.registry import Counters, MetricError, register_metric
 
 OUTPUT_METRICS = frozenset({"ean", "reap", "man", "msan", "output_variance"})
@@ -54,8 +55,8 @@ def _per_routed(c: Counters, name: str) -> torch.Tensor:
 
 @register_metric("frequency")
 def frequency(c: Counters) -> torch.Tensor:
-    """Share of tokens routed to the expert, 1st or 2nd choice: (top1 + top2) / tokens."""
-    return (c["top1"] + c["top2"]) / c["tokens"][:, None]
+    """Share of tokens routed to the expert, 1st or 2nd choice: the same number as ``topk`` under the name peers use."""
+    return topk(c)
 
 
 @register_metric("ean")
@@ -72,8 +73,8 @@ def reap(c: Counters) -> torch.Tensor:
 
 @register_metric("man")
 def man(c: Counters) -> torch.Tensor:
-    """MAN (arXiv 2606.15716): mean activation norm of the expert's output over its routed tokens (needs --expert-outputs)."""
-    return _per_routed(c, "out_norm")
+    """MAN (arXiv 2606.15716): mean activation norm over routed tokens, the same number as ``ean`` (needs --expert-outputs)."""
+    return ean(c)
 
 
 @register_metric("msan")

@@ -1,12 +1,17 @@
-"""Atomic file writes: write to a temporary sibling, then rename. A reader never sees half a file,
-and an interrupted or failed write (disk full, Ctrl-C) leaves the previous file untouched."""
+"""Small file I/O shared by the rooms.
+
+Writes are atomic: write to a temporary sibling, then rename. A reader never sees half a file, and an
+interrupted or failed write (disk full, Ctrl-C) leaves the previous file untouched. JSON reads turn
+every failure into the caller's named error, with the file (and line and column for syntax errors).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextlib.contextmanager
@@ -27,3 +32,16 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def read_json(path: str | os.PathLike[str], *, error: type[Exception], what: str) -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file raises ``error`` naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {what} {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} {path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
-from pruning.atomic import write_text
+from pruning.atomic import read_json, write_text
 from pruning.errors import UserError
 from pruning.topology import NLLB_MOE_54B, SIDES, Side, Topology
 
@@ -93,15 +93,7 @@ class ExpertIndex:
 # ---- files ---------------------------------------------------------------------------------------
 def read_index(path: str | os.PathLike[str]) -> ExpertIndex:
     """Read an ``experts.json`` (structure checked; call :func:`validate_index` for the topology checks)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExpertIndexError(f"expert index {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ExpertIndexError(f"cannot read expert index {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ExpertIndexError(f"expert index {path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc
+    data = read_json(path, error=ExpertIndexError, what="expert index")
     return ExpertIndex.from_json_data(data, what=str(path))
 
 

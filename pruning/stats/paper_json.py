@@ -36,7 +36,7 @@ from typing import Any, Iterable
 
 import torch
 
-from pruning.atomic import write_text
+from pruning.atomic import read_json, write_text
 from pruning.stats.counters import RoutingStats, StatsError, split_direction
 from pruning.topology import NLLB_MOE_54B, Topology
 
@@ -50,15 +50,7 @@ _SHARE_TOLERANCE = 1e-3
 # ---- import --------------------------------------------------------------------------------------
 def read_paper_json(path: str | os.PathLike[str], *, topology: Topology = NLLB_MOE_54B) -> RoutingStats:
     """Read a paper ``stats-*.json`` as normalised counters (see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise StatsError(f"statistics file {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StatsError(f"cannot read statistics file {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise StatsError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc
+    data = read_json(path, error=StatsError, what="statistics file")
     return paper_data_to_stats(data, topology=topology, what=str(path))
 
 
