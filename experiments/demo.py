@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from pruning.cli import main as cli
+from pruning.stats.collect import versions
 
 TESTBED = Path("experiments/testbed")
 RESULTS = Path("experiments/results/demo.json")
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "directions": len(rows), "sentences": args.sentences, "beam": 2, "metric": "chrF++ (sacrebleu, word_order=2)",
         "mean_chrf++": mean, "chrf++": rows, "seconds": round(time.time() - started, 1),
         "command": "make demo (" + " ".join(["python -m experiments.demo", *sys.argv[1:]]) + ")",
+        "device": "cpu", "versions": versions(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     if not args.tiny and not args.no_record and model == TESTBED / "model":
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
