@@ -1,7 +1,8 @@
 """Statistics with expert parallelism under torchrun (4 gloo processes on CPU) equal the single-process ones.
 
 One torchrun launch runs two collections through the real ``nllb-prune stats`` path:
-- teacher forcing, ``--expert-parallel 4``, per-expert loop dispatch: one model spread over 4 processes;
+- teacher forcing, ``--expert-parallel 4``, per-expert loop dispatch, ``--expert-outputs``: one model
+  spread over 4 processes, the expert outputs observed where they come back from their owners;
 - beam search, ``--expert-parallel 2`` x 2 data-parallel groups, 3 directions (the last round leaves a
   group idle, which must keep stepping with the others), the default dispatch (grouped GEMM on CPU);
 then one padded batch per rank through the expert-parallel model, compared with the full model.
@@ -20,6 +21,7 @@ import torch
 from pruning.model.loading import load_model
 from pruning.stats.collect import StatsOptions, collect_statistics
 from pruning.stats.counters import RoutingStats
+from pruning.stats.outputs import ALL_OUTPUT_COUNTERS
 from tests.stats_fixtures import LANGS, assert_counters_close, make_flores
 
 FRA, DEU, ENG = LANGS
@@ -45,7 +47,7 @@ def launched(tiny_hf_dir, tmp_path_factory):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", "-m", "tests.dist_worker",
         "--model", str(tiny_hf_dir), "--logits", str(tmp / "logits"), "--",
-        *teacher_flags(tiny_hf_dir, data, tmp / "teacher-ep4.safetensors"), "--expert-parallel", "4", "--dispatch", "loop", "---",
+        *teacher_flags(tiny_hf_dir, data, tmp / "teacher-ep4.safetensors"), "--expert-parallel", "4", "--dispatch", "loop", "--expert-outputs", "---",
         *beam_flags(tiny_hf_dir, data, tmp / "beam-ep2dp2.safetensors"), "--expert-parallel", "2",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -58,13 +60,18 @@ def launched(tiny_hf_dir, tmp_path_factory):
 def test_expert_parallel_teacher_statistics_equal_single_process(launched, tiny_hf_dir):
     tmp, data = launched
     single = tmp / "teacher-single.safetensors"
-    collect_statistics(StatsOptions(model=str(tiny_hf_dir), data=str(data), langs=list(LANGS), batch_tokens=40, dispatch="loop", out=str(single), progress=False))
+    collect_statistics(StatsOptions(model=str(tiny_hf_dir), data=str(data), langs=list(LANGS), batch_tokens=40, dispatch="loop", out=str(single), progress=False, expert_outputs=True))
     parallel, reference = RoutingStats.load(tmp / "teacher-ep4.safetensors"), RoutingStats.load(single)
     assert parallel.directions == reference.directions and len(reference.directions) == 6
     for direction in reference.directions:
         for side in ("enc", "dec"):
             # same batches, same expert GEMM shapes: identical up to the order of the float64 sums
             assert_counters_close(parallel.side(direction, side), reference.side(direction, side), what=f"{direction}/{side}", rtol=1e-12, atol=1e-12, rank_atol=0)
+            got, expected = parallel.side(direction, side), reference.side(direction, side)
+            assert set(ALL_OUTPUT_COUNTERS) <= set(got)
+            for name in ALL_OUTPUT_COUNTERS:  # one process runs the experts a second time, here they come back from their owners
+                torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6, msg=f"{direction}/{side}/{name}")
+            assert float(got["out_norm"].sum()) > 0
     assert parallel.info["processes"] == {"expert_parallel": 4, "data_parallel": 1}
     assert parallel.info["sentences"] == reference.info["sentences"]
     assert parallel.info["model"]["router_fingerprint"] == reference.info["model"]["router_fingerprint"]

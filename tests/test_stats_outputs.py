@@ -7,11 +7,10 @@ import torch
 
 from metrics import MetricError, compute_metric
 from pruning.cli import main
-from pruning.config import ConfigError
 from pruning.model.loading import load_model
 from pruning.stats.collect import RoutingCollector, StatsOptions, collect_statistics
 from pruning.stats.counters import RoutingStats
-from pruning.stats.outputs import ALL_OUTPUT_COUNTERS
+from pruning.stats.outputs import ALL_OUTPUT_COUNTERS, GATE_RATIO_BINS
 from tests.stats_fixtures import LANGS, make_flores
 
 FRA, DEU, ENG = LANGS
@@ -56,6 +55,7 @@ def reference_outputs(model, calls) -> dict[str, dict[str, torch.Tensor]]:
             "max_abs": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
             "out_sum": torch.zeros(n_layers[side], e_all, d, dtype=torch.float64),
             "coact": torch.zeros(n_layers[side], e_all, e_all, dtype=torch.float64),
+            "gate_ratio_hist": torch.zeros(n_layers[side], GATE_RATIO_BINS, dtype=torch.float64),
         })
         row = rows[side] % n_layers[side]
         rows[side] += 1
@@ -66,6 +66,8 @@ def reference_outputs(model, calls) -> dict[str, dict[str, torch.Tensor]]:
                 continue  # padding
             chosen = routing.expert_idx[t].tolist()
             probs = routing.probs[t].double()
+            p1, p2 = probs.sort(descending=True).values[:2].tolist()  # independent of the router's choice
+            c["gate_ratio_hist"][row, min(int(p2 / p1 * GATE_RATIO_BINS), GATE_RATIO_BINS - 1)] += 1
             g = probs[chosen]
             for k, e in enumerate(chosen):
                 w1, b1 = moe.experts.fc1_weight[e].double(), moe.experts.fc1_bias[e].double()
@@ -107,6 +109,7 @@ def test_counters_equal_a_plain_loop_over_routed_tokens(model, tiny_batch):
         for name in ALL_OUTPUT_COUNTERS:
             torch.testing.assert_close(got[side][name], expected[side][name], rtol=1e-5, atol=1e-5, msg=f"{side}/{name}")
         assert torch.equal(got[side]["coact"], got[side]["coact"].transpose(1, 2))
+        assert torch.equal(got[side]["gate_ratio_hist"].sum(-1), got[side]["tokens"])  # every real token, once per layer
         assert float(got[side]["max_abs"].max()) > 0 and float(got[side]["out_norm"].min()) >= 0
 
 
@@ -153,10 +156,6 @@ def test_two_halves_merge_into_the_whole(tiny_hf_dir, tmp_path):
                 torch.testing.assert_close(compute_metric(metric, merged.side(d, side)), compute_metric(metric, ref), rtol=1e-5, atol=1e-6)
 
 
-def test_expert_outputs_refused_with_expert_parallelism():
-    opts = StatsOptions(model="m", data="d", out="o", pairs=[f"{FRA}-{DEU}"], expert_outputs=True, expert_parallel=2)
-    with pytest.raises(ConfigError, match="--expert-outputs is not supported with --expert-parallel > 1"):
-        opts.validate()
 
 
 # ---- metrics on constructed counters --------------------------------------------------------------

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -85,6 +85,11 @@ class ExpertParallelDispatch:
     """The expert-parallel process group (``None`` = the default group)."""
     bounds: list[tuple[int, int]]
     local: str = "loop"
+    observe: Optional[Callable[..., None]] = None
+    """If set: ``observe(routing, row [N], token [N], k [N], y [N, D])`` with the raw expert output of each
+    dispatched assignment (before the combine weight), sorted by router row as
+    :func:`pruning.stats.outputs.dispatched_assignments` sorts them. The outputs come back from their
+    owners anyway, so statistics that need them cost no second expert pass (``--expert-outputs``)."""
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
@@ -99,10 +104,12 @@ class ExpertParallelDispatch:
         # this rank's assignments, sorted by router row (= by owner), token order kept within a row
         flat_row = routing.expert_idx.reshape(-1)  # [T*K]
         flat_token = torch.arange(x.shape[0], device=x.device).repeat_interleave(TOP_K)  # [T*K]
+        flat_k = torch.arange(TOP_K, device=x.device).repeat(x.shape[0])  # [T*K]
         flat_weight = (routing.weights * routing.dispatched).reshape(-1)  # [T*K]
+        flat_kept = routing.dispatched.reshape(-1)  # [T*K]
         if not grouped:  # the loop dispatch runs only the dispatched assignments
-            keep = routing.dispatched.reshape(-1)
-            flat_row, flat_token, flat_weight = flat_row[keep], flat_token[keep], flat_weight[keep]
+            flat_row, flat_token, flat_k, flat_weight = (t[flat_kept] for t in (flat_row, flat_token, flat_k, flat_weight))
+            flat_kept = flat_kept[flat_kept]
         order = torch.argsort(flat_row, stable=True)
         flat_token, flat_weight = flat_token[order], flat_weight[order]  # [N]
         row_counts = torch.bincount(flat_row, minlength=num_rows)  # [R]
@@ -130,6 +137,9 @@ class ExpertParallelDispatch:
         dist.all_to_all_single(
             returned, results, output_split_sizes=send_splits, input_split_sizes=recv_splits, group=self.group
         )
+        if self.observe is not None:
+            kept = flat_kept[order]  # [N]
+            self.observe(routing, flat_row[order][kept], flat_token[kept], flat_k[order][kept], returned[kept])
         weight = flat_weight[:, None].to(returned.dtype)  # [N, 1]
         if grouped:  # as grouped_mm_dispatch: exact zeros for dropped assignments
             contribution = torch.where(weight > 0, returned * weight, torch.zeros((), dtype=returned.dtype, device=x.device))

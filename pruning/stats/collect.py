@@ -33,8 +33,8 @@ import torch
 
 from pruning.config import ConfigError
 from pruning.model.moe import MoeLayer, Routing
-from pruning.stats.counters import BASE_COUNTERS, RoutingStats, StatsError, direction_key, split_direction
-from pruning.stats.outputs import OUTPUT_COUNTERS, output_counters, tap_dispatch
+from pruning.stats.counters import BASE_COUNTERS, MAX_COUNTERS, RoutingStats, StatsError, direction_key, split_direction
+from pruning.stats.outputs import GATE_RATIO_BINS, GATE_RATIO_HIST, OUTPUT_COUNTERS, gate_ratio_histogram, output_counters, tap_dispatch
 from pruning.topology import SHORT_SIDE
 
 ROW_COUNTERS = ("top1", "top2", "gate", "conf1", "conf2", "rank")
@@ -149,6 +149,10 @@ def _row_ids(num_rows: int) -> Any:
     return np.arange(num_rows, dtype=np.int64)
 
 
+_OUT_PARTS = ("rows", "out_sum", "coact", GATE_RATIO_HIST)
+"""The ``--expert-outputs`` accumulators of a side, in :meth:`RoutingCollector.flat` order."""
+
+
 # ---- the collector -----------------------------------------------------------------------------
 class RoutingCollector:
     """Forward hooks on every :class:`MoeLayer` of a model, accumulating counters while :attr:`enabled`.
@@ -171,11 +175,22 @@ class RoutingCollector:
             self._handles.append(moe.register_forward_hook(self._hook(short, row)))
             if expert_outputs:
                 self._tapped.append((moe, moe.dispatch))
-                moe.dispatch = tap_dispatch(moe.dispatch, self._outputs_hook(short, row), enabled=lambda: self.enabled)
+                if hasattr(moe.dispatch, "observe"):  # expert parallelism: the outputs come back to this rank anyway
+                    moe.dispatch.observe = self._observed(self._outputs_hook(short, row))
+                else:
+                    moe.dispatch = tap_dispatch(moe.dispatch, self._outputs_hook(short, row), enabled=lambda: self.enabled)
         self._acc: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, torch.Tensor] = {}
         self._out: dict[str, dict[str, torch.Tensor]] = {}  # side -> {"rows" [Ls, C', E], "out_sum" [Ls, E, D], "coact" [Ls, E, E]}
         self.reset()
+
+    def _observed(self, hook):  # noqa: ANN001, ANN202 - an OutputsCallback, only while enabled
+        def observe(*args: Any) -> None:
+            if self.enabled:
+                with torch.no_grad():
+                    hook(*args)
+
+        return observe
 
     def _outputs_hook(self, side: str, row: int):  # noqa: ANN202 - called by the tapped dispatch
         def hook(routing: Routing, expert: torch.Tensor, token: torch.Tensor, k: torch.Tensor, y: torch.Tensor) -> None:
@@ -200,6 +215,12 @@ class RoutingCollector:
             acc = self._accumulator(side, counters.device)
             acc[row].index_add_(1, routing.expert_ids.to(counters.device), counters)  # [C, E] += [C, R] by id
             self._tokens[side][row] += tokens
+            if self.expert_outputs:
+                hist = gate_ratio_histogram(routing)  # [B]
+                out = self._out[side]
+                if out[GATE_RATIO_HIST].device != hist.device:
+                    self._out[side] = out = {name: value.to(hist.device) for name, value in out.items()}
+                out[GATE_RATIO_HIST][row] += hist
 
         return hook
 
@@ -222,14 +243,27 @@ class RoutingCollector:
                     "rows": torch.zeros(len(layers), len(OUTPUT_COUNTERS), self.num_experts, dtype=torch.float64, device=device),
                     "out_sum": torch.zeros(len(layers), self.num_experts, d_model, dtype=torch.float64, device=device),
                     "coact": torch.zeros(len(layers), self.num_experts, self.num_experts, dtype=torch.float64, device=device),
+                    GATE_RATIO_HIST: torch.zeros(len(layers), GATE_RATIO_BINS, dtype=torch.float64, device=device),
                 }
 
     def flat(self) -> torch.Tensor:
         """Every accumulator as one float64 vector on the device (for an all-reduce); see :meth:`unflatten`."""
         parts = [t.reshape(-1) for side in ("enc", "dec") for t in (self._acc[side], self._tokens[side])]
-        if self.expert_outputs:  # after the routing counters: [Ls, C', E], [Ls, E, D], [Ls, E, E] per side
-            parts += [self._out[side][name].to(parts[0].device).reshape(-1) for side in ("enc", "dec") for name in ("rows", "out_sum", "coact")]
+        if self.expert_outputs:  # after the routing counters: [Ls, C', E], [Ls, E, D], [Ls, E, E], [Ls, B] per side
+            parts += [self._out[side][name].to(parts[0].device).reshape(-1) for side in ("enc", "dec") for name in _OUT_PARTS]
         return torch.cat(parts)
+
+    def peak_positions(self) -> torch.Tensor:
+        """[M] long: the positions in :meth:`flat` of counters combined by maximum, not sum (``max_abs``)."""
+        parts = [torch.zeros(t.numel(), dtype=torch.bool) for side in ("enc", "dec") for t in (self._acc[side], self._tokens[side])]
+        if self.expert_outputs:
+            for side in ("enc", "dec"):
+                for name in _OUT_PARTS:
+                    mask = torch.zeros(self._out[side][name].shape, dtype=torch.bool)
+                    if name == "rows":
+                        mask[:, [OUTPUT_COUNTERS.index(c) for c in OUTPUT_COUNTERS if c in MAX_COUNTERS]] = True
+                    parts.append(mask.reshape(-1))
+        return torch.cat(parts).nonzero().reshape(-1)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """``{side: {counter: CPU float64 tensor}}`` from a vector laid out like :meth:`flat`."""
@@ -248,7 +282,7 @@ class RoutingCollector:
             out[side]["tokens"] = tokens.clone()
         if self.expert_outputs:
             for side in ("enc", "dec"):
-                for name in ("rows", "out_sum", "coact"):
+                for name in _OUT_PARTS:
                     shape = self._out[side][name].shape
                     value = flat[start : start + shape.numel()].reshape(shape)
                     start += shape.numel()
@@ -280,6 +314,8 @@ class RoutingCollector:
         self._handles = []
         for moe, dispatch in self._tapped:
             moe.dispatch = dispatch
+            if hasattr(dispatch, "observe"):
+                dispatch.observe = None
         self._tapped = []
 
 
@@ -385,7 +421,7 @@ class StatsOptions:
     resume: bool = field(default=False, metadata={"help": "continue --out: skip the directions it already holds"})
     expert_parallel: int = field(default=1, metadata={"help": "ranks sharing one model's experts (torchrun); world = this x data-parallel size"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
-    expert_outputs: bool = field(default=False, metadata={"help": "also count expert-output norms, gate x norm, max |activation|, mean output and co-activation (runs the experts twice; docs/statistics.md)"})
+    expert_outputs: bool = field(default=False, metadata={"help": "also count expert-output norms, gate x norm, max |activation|, mean output, co-activation and the p2/p1 gate histogram (one process: the experts run twice; docs/statistics.md)"})
 
     def validate(self) -> None:
         missing = [flag for flag, value in (("--model", self.model), ("--data", self.data), ("--out", self.out)) if not value]
@@ -408,11 +444,6 @@ class StatsOptions:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.max_sentences is not None and self.max_sentences < 1:
             raise ConfigError(f"--max-sentences must be at least 1, got {self.max_sentences}")
-        if self.expert_outputs and self.expert_parallel > 1:
-            raise ConfigError(
-                f"--expert-outputs is not supported with --expert-parallel > 1 yet (got --expert-parallel {self.expert_parallel}); "
-                "collect with --expert-parallel 1 (data parallelism under torchrun works)"
-            )
         self.directions()
 
     def directions(self) -> list[str]:
@@ -685,7 +716,7 @@ def _collect_rounds(
         table = flat.new_zeros(len(round_dirs), flat.shape[0])
         if mine is not None:
             table[ctx.dp_rank] = flat
-        table = ctx.all_reduce_sum(table)
+        table = reduce_counters(ctx, collector, table)
         if ctx.is_main:
             assert stats is not None
             for direction, row in zip(round_dirs, table):
@@ -698,6 +729,17 @@ def _collect_rounds(
             stats.save(out)
         bar.update(len(round_dirs))
     bar.close()
+
+
+def reduce_counters(ctx: Any, collector: RoutingCollector, table: torch.Tensor) -> torch.Tensor:
+    """``table`` [rows, flat] summed over every process, except ``max_abs``: its maximum (expert-parallel ranks share a direction)."""
+    peaks = collector.peak_positions().to(table.device)
+    if len(peaks):
+        highest = ctx.all_reduce_peak(table[:, peaks].contiguous())
+    table = ctx.all_reduce_sum(table)
+    if len(peaks):
+        table[:, peaks] = highest.to(table.device)
+    return table
 
 
 def _run_direction(

@@ -66,6 +66,14 @@ class Context:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_peak(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum over every process (for counters that merge by maximum)."""
+        if not self.distributed:
+            return tensor
+        tensor = tensor.to(self._collective_device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def all_reduce_max(self, value: int) -> int:
         if not self.distributed:
             return value

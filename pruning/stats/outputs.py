@@ -25,10 +25,29 @@ from pruning.model.moe import TOP_K, Dispatch, Routing, StackedExperts
 OUTPUT_COUNTERS = ("routed", "out_norm", "out_norm_sq", "gate_norm", "weight_norm", "max_abs")
 """Per-expert [E] counters of one layer call (stacked as [C, E]); ``out_sum`` [E, D] and ``coact`` [E, E] apart."""
 EXTRA_COUNTERS = ("out_sum", "coact")
-ALL_OUTPUT_COUNTERS = OUTPUT_COUNTERS + EXTRA_COUNTERS
+GATE_RATIO_HIST = "gate_ratio_hist"
+"""Per layer [B]: real tokens by bin of p2 / p1 (2nd over 1st choice's softmax probability), B = :data:`GATE_RATIO_BINS`."""
+GATE_RATIO_BINS = 20
+ALL_OUTPUT_COUNTERS = OUTPUT_COUNTERS + EXTRA_COUNTERS + (GATE_RATIO_HIST,)
 
 OutputsCallback = Callable[[Routing, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """``(routing, expert [N] local row, token [N], k [N] choice, y [N, D])`` of one layer call."""
+
+
+def gate_ratio_histogram(routing: Routing, *, bins: int = GATE_RATIO_BINS) -> torch.Tensor:
+    """[bins] float64: real tokens by ``p2 / p1`` in ``[0, 1]``, bin ``b`` = ``[b/bins, (b+1)/bins)`` (1.0 in the last).
+
+    p1, p2 are the softmax probabilities of the 1st and 2nd choice before capacity (a layer with one
+    active expert has no 2nd choice: its tokens are not counted). A histogram near 1 means the router
+    hesitates between two experts; near 0, the 2nd expert adds little.
+    """
+    real = routing.token_mask
+    if routing.probs.shape[1] < 2:
+        return torch.zeros(bins, dtype=torch.float64, device=routing.probs.device)
+    p = routing.probs.gather(1, routing.expert_idx)[real].to(torch.float64)  # [Tr, K]
+    ratio = p[:, 1] / p[:, 0].clamp(min=1e-300)  # [Tr]
+    index = (ratio * bins).floor().clamp(0, bins - 1).long()
+    return torch.bincount(index, minlength=bins).to(torch.float64)
 
 
 def dispatched_assignments(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
