@@ -90,3 +90,8 @@ paper-studies: testbed-stats ## the paper's comparisons on the testbed (hydra mu
 
 paper-report: setup
 	$(PY) -m experiments.paper.report
+
+.PHONY: testbed-lid
+testbed-lid: setup ## the testbed's language identifier for `evaluate --lid` (naive Bayes on train/, accuracy on devtest)
+	$(CLI) train-lid --data experiments/testbed/data --split train --langs $(TESTBED_LANGS) --ngram-max 4 --alpha 0.1 \
+		--max-features 20000 --out experiments/testbed/lid.json --eval-data experiments/testbed/data/flores --eval-split devtest

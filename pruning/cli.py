@@ -24,6 +24,7 @@ COMMANDS = {
     "export": "export",
     "translate": "translate",
     "evaluate": "evaluate",
+    "train-lid": "train_lid",
 }
 
 

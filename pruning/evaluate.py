@@ -15,6 +15,12 @@ Outputs beside ``--out scores.tsv``: ``scores.hyp/{src}-{tgt}.txt`` (one hypothe
 ``scores.tsv`` (``direction, spBLEU, chrF++, len_ratio``: the shape of the paper's per-direction files)
 and ``scores.summary.json`` (means over directions, sacrebleu's signatures and ours: model and
 manifest hash, expert index hash, decoding settings, versions, device).
+
+Off-target rate (``--lid FILE``, :mod:`pruning.lid`): per direction, the share (in %) of hypotheses whose
+identified language is not the target language (an empty hypothesis is ``und``, so off-target). It adds
+the column ``off_target`` to the TSV, ``off_target`` per direction and in the mean of the summary, and
+the model's identity (path, sha256, kind) as ``lid`` in the summary and ``lid:KIND:SHA12`` in our
+signature. Without ``--lid`` the outputs are exactly as before; :func:`read_scores` reads both.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from pruning.errors import UserError
 SPM_CHOICES = ("flores200", "flores101", "none")
 SPM_LABEL = {"flores200": "SPM-200", "flores101": "SPM-100"}
 TSV_COLUMNS = ("direction", "spBLEU", "chrF++", "len_ratio")
+OFF_TARGET = "off_target"
+"""Extra TSV column (and summary key) written with ``--lid``: % of hypotheses not in the target language."""
 METRICS = ("spBLEU", "chrF++")
 NA = "NA"
 
@@ -93,9 +101,12 @@ class DirectionScore:
     spbleu: Optional[float]
     len_ratio: Optional[float]
     sentences: int
+    off_target: Optional[float] = None
+    """% of hypotheses not identified as the target language (``--lid``), else None."""
 
-    def row(self) -> list[str]:
-        return [self.direction, _fmt(self.spbleu), _fmt(self.chrf), _fmt(self.len_ratio, digits=3)]
+    def row(self, *, off_target: bool = False) -> list[str]:
+        cells = [self.direction, _fmt(self.spbleu), _fmt(self.chrf), _fmt(self.len_ratio, digits=3)]
+        return cells + [_fmt(self.off_target)] if off_target else cells
 
 
 def _fmt(value: Optional[float], *, digits: int = 2) -> str:
@@ -155,7 +166,10 @@ def eval_directions(*, pairs: Sequence[str] = (), langs: Sequence[str] = ()) -> 
 
 # ---- score files ---------------------------------------------------------------------------------
 def write_scores_tsv(path: Path, scores: Iterable[DirectionScore]) -> None:
-    lines = ["\t".join(TSV_COLUMNS)] + ["\t".join(s.row()) for s in scores]
+    """The paper's columns, plus ``off_target`` when any direction has it (``--lid``)."""
+    scores = list(scores)
+    extra = any(s.off_target is not None for s in scores)
+    lines = ["\t".join(TSV_COLUMNS + ((OFF_TARGET,) if extra else ()))] + ["\t".join(s.row(off_target=extra)) for s in scores]
     _write_text(path, "\n".join(lines) + "\n")
 
 
@@ -163,7 +177,8 @@ def read_scores(path: str | os.PathLike[str]) -> dict[str, dict[str, Optional[fl
     """``{direction: {"spBLEU": x, "chrF++": y}}`` from our TSV or the paper's (columns found by header name).
 
     Values ``NA``/``nan``/missing trailing fields are None (the paper's 54B file declares ``len_ratio``
-    but its rows stop after chrF++).
+    but its rows stop after chrF++). A file with the ``off_target`` column (``evaluate --lid``) also gives
+    ``"off_target"`` per direction.
     """
     path = Path(path)
     if not path.is_file():
@@ -187,6 +202,8 @@ def read_scores(path: str | os.PathLike[str]) -> dict[str, dict[str, Optional[fl
         if direction in out:
             raise EvaluateError(f"{path}:{number}: direction {direction} appears twice")
         out[direction] = {m: _parse_value(fields, col[m], path, number) for m in METRICS}
+        if OFF_TARGET in header:
+            out[direction][OFF_TARGET] = _parse_value(fields, header.index(OFF_TARGET), path, number)
     return out
 
 
@@ -254,12 +271,17 @@ def compare_scores(ours: dict[str, dict[str, Optional[float]]], other: dict[str,
 
 
 def mean_scores(scores: Sequence[DirectionScore]) -> dict[str, Optional[float]]:
+    """Means over directions of chrF++, spBLEU (None unless every direction has it) and, with ``--lid``, off_target."""
     chrf = [s.chrf for s in scores]
     bleu = [s.spbleu for s in scores if s.spbleu is not None]
-    return {
+    out = {
         "chrF++": sum(chrf) / len(chrf) if chrf else None,
         "spBLEU": sum(bleu) / len(bleu) if bleu and len(bleu) == len(scores) else None,
     }
+    off = [s.off_target for s in scores if s.off_target is not None]
+    if off:
+        out[OFF_TARGET] = sum(off) / len(off) if len(off) == len(scores) else None
+    return out
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -291,10 +313,14 @@ def evaluate_model(
     options: Any = None,
     spm: str = "flores200",
     model_path: Optional[str] = None,
+    lid: Any = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> EvaluationResult:
-    """Translate and score every direction; write hypotheses, the TSV and the summary (see module doc)."""
+    """Translate and score every direction; write hypotheses, the TSV and the summary (see module doc).
+
+    ``lid``: a :class:`pruning.lid.LanguageIdentifier` for the off-target rate, or None.
+    """
     from pruning.data.flores import FloresDir
     from pruning.translate import DecodingOptions, translate_sentences
 
@@ -315,6 +341,8 @@ def evaluate_model(
 
         for src, tgt in directions:  # fail before translating anything
             direction_experts(manifest, src, tgt)
+    if lid is not None:
+        check_lid_targets(lid, [tgt for _, tgt in directions])
     scorer = Scorer(spm)
     if scorer.spbleu_problem and spm != "none":
         warnings.warn(f"{scorer.spbleu_problem}. spBLEU is reported as {NA}; chrF++ is computed.", stacklevel=2)
@@ -327,12 +355,17 @@ def evaluate_model(
         hypotheses = translate_sentences(model, sources, src=src, tgt=tgt, options=options, progress=progress)
         _write_text(hyp_dir / f"{src}-{tgt}.txt", "".join(f"{h}\n" for h in hypotheses))
         score = scorer.score(f"{src}-{tgt}", hypotheses, references)
+        if lid is not None:
+            from pruning.lid import off_target_rate
+
+            score.off_target = off_target_rate(lid.predict(hypotheses), tgt)
         scores.append(score)
-        log(f"{score.direction}\tspBLEU {_fmt(score.spbleu)}\tchrF++ {_fmt(score.chrf)}")
+        shown = "" if lid is None else f"\toff-target {_fmt(score.off_target)}%"
+        log(f"{score.direction}\tspBLEU {_fmt(score.spbleu)}\tchrF++ {_fmt(score.chrf)}{shown}")
     write_scores_tsv(tsv, scores)
     summary = build_summary(
         model, scores, scorer=scorer, options=options, split=split, data=flores.root, max_sentences=max_sentences,
-        model_path=model_path, hypotheses=hyp_dir,
+        model_path=model_path, hypotheses=hyp_dir, lid=lid,
     )
     _write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return EvaluationResult(scores, summary, tsv, hyp_dir, summary_path)
@@ -349,6 +382,7 @@ def build_summary(
     max_sentences: Optional[int],
     model_path: Optional[str],
     hypotheses: Path,
+    lid: Any = None,
 ) -> dict[str, Any]:
     from pruning.translate import device_name, dtype_name
 
@@ -379,7 +413,10 @@ def build_summary(
             f"sacrebleu:{versions['sacrebleu']}",
         ]
     )
-    return {
+    lid_identity = lid.identity() if lid is not None else None
+    if lid_identity is not None:
+        ours += f"|lid:{lid_identity['kind']}:{(lid_identity['sha256'] or 'in-memory')[:12]}"
+    summary = {
         "directions": len(scores),
         "mean": mean_scores(scores),
         "spBLEU_tokenizer": SPM_LABEL.get(scorer.spm, "none") if scorer.bleu is not None else None,
@@ -391,6 +428,23 @@ def build_summary(
         "hypotheses": str(hypotheses),
         "scores": {s.direction: {"spBLEU": s.spbleu, "chrF++": s.chrf, "len_ratio": s.len_ratio} for s in scores},
     }
+    if lid_identity is not None:
+        summary["lid"] = lid_identity
+        for s in scores:
+            summary["scores"][s.direction][OFF_TARGET] = s.off_target
+    return summary
+
+
+def check_lid_targets(lid: Any, targets: Sequence[str]) -> None:
+    """Every target language must be one the identifier can predict (else its off-target rate is 100% by construction)."""
+    known = set(lid.languages())
+    unknown = sorted(set(targets) - known)
+    if unknown:
+        identity = lid.identity()
+        raise EvaluateError(
+            f"--lid {identity['path']}: target language(s) {unknown} are not among the {len(known)} languages it "
+            f"identifies ({', '.join(sorted(known)[:20])}{' ...' if len(known) > 20 else ''})"
+        )
 
 
 def model_identity(model: Any, model_path: Optional[str]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class EvaluateConfig:
     batch_tokens: int = field(default=4096, metadata={"help": "most padded source tokens per batch"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
     dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: the checkpoint's)", "choices": ["bf16", "fp16", "fp32"]})
+    lid: Optional[str] = field(default=None, metadata={"help": "language-identification model (fastText .bin/.ftz with FLORES labels, or `nllb-prune train-lid` JSON): adds the off-target rate"})
 
     def validate(self) -> None:
         missing = [flag for flag, value in (("--model", self.model), ("--data", self.data), ("--out", self.out)) if not value]
@@ -62,15 +63,26 @@ def run(args: argparse.Namespace) -> int:
     config = resolve(EvaluateConfig, args)
     directions = eval_directions(pairs=config.pairs, langs=config.langs)
     other = read_scores(config.compare) if config.compare else None  # a bad file fails before any translation
+    lid = None
+    if config.lid:
+        from pruning.evaluate import check_lid_targets
+        from pruning.lid import load_lid
+
+        lid = load_lid(config.lid)
+        check_lid_targets(lid, [tgt for _, tgt in directions])  # before loading the model
     warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {message}\n"
     model = load_for_translation(config.model, device=config.device, dtype=config.dtype)
     result = evaluate_model(
         model, data=config.data, out=config.out, directions=directions, split=config.split, max_sentences=config.max_sentences,
-        options=config.decoding(), spm=config.spm, model_path=config.model, progress=sys.stderr.isatty(),
+        options=config.decoding(), spm=config.spm, model_path=config.model, lid=lid, progress=sys.stderr.isatty(),
     )
     mean = result.summary["mean"]
     show = {k: ("NA" if v is None else f"{v:.2f}") for k, v in mean.items()}
-    print(f"mean over {len(result.scores)} direction(s): spBLEU {show['spBLEU']}  chrF++ {show['chrF++']}")
+    off_target = f"  off-target {show['off_target']}%" if "off_target" in show else ""
+    print(f"mean over {len(result.scores)} direction(s): spBLEU {show['spBLEU']}  chrF++ {show['chrF++']}{off_target}")
+    if lid is not None:
+        identity = result.summary["lid"]
+        print(f"off-target: language identifier {identity['kind']} {identity['path']} (sha256 {identity['sha256'][:12]})")
     print(f"signature: {result.summary['signature']}")
     for metric, signature in result.summary["sacrebleu_signatures"].items():
         print(f"sacrebleu {metric}: {signature}")
