@@ -468,6 +468,11 @@ def _select_unit(
     scores: dict[str, torch.Tensor], plan: KeepPlan, options: SelectOptions, topology: Topology, *, what: str
 ) -> list[int]:
     """Global ids kept for one entry from its per-side scores (``{"enc": [L_enc, E], "dec": [L_dec, E]}``)."""
+    return _global_ids(select_masks(scores, plan, options, what=what), topology)
+
+
+def select_masks(scores: dict[str, torch.Tensor], plan: KeepPlan, options: SelectOptions, *, what: str) -> dict[str, torch.Tensor]:
+    """Kept experts of one entry per side, bool masks ``{"enc": [L_enc, E], "dec": [L_dec, E]}``, from its per-side scores."""
     masks: dict[str, torch.Tensor] = {}
     if plan.per_layer is not None:
         for side, k in zip(("enc", "dec"), plan.per_layer):
@@ -484,7 +489,7 @@ def _select_unit(
                 masks[side] = select_global_threshold(
                     scores[side], keep=int(keep or 0), min_per_layer=options.min_per_layer, what=f"{what} ({side})"
                 )
-    return _global_ids(masks, topology)
+    return masks
 
 
 def _global_ids(masks: dict[str, torch.Tensor], topology: Topology) -> list[int]:

@@ -183,7 +183,8 @@ def test_info_identifies_model_data_and_versions(teacher_stats, tiny_hf_dir, flo
     info = teacher_stats.info
     assert info["model"]["path"] == str(tiny_hf_dir) and info["model"]["layout"] == "hf"
     assert len(info["model"]["config_sha256"]) == 64 and info["model"]["router_fingerprint"]
-    assert info["data"] == {"dir": str(flores), "split": "dev", "max_sentences": None}
+    assert info["data"] == {"dir": str(flores), "split": "dev", "max_sentences": None, "first_sentence": 0}
+    assert info["chunk_sentences"] is None and not teacher_stats.chunks
     assert info["mode"] == "teacher" and info["beam"] is None
     assert info["sentences"] == {d: 6 for d in teacher_stats.directions}
     assert set(info["versions"]) == {"torch", "transformers", "nllb-prune"} and info["date"]

@@ -33,6 +33,7 @@ import torch
 
 from pruning.config import ConfigError
 from pruning.model.moe import MoeLayer, Routing
+from pruning.stats.chunking import ChunkTable, chunk_layout, chunks_from_flat, num_chunk_values
 from pruning.stats.counters import BASE_COUNTERS, MAX_COUNTERS, RoutingStats, StatsError, direction_key, split_direction
 from pruning.stats.outputs import GATE_RATIO_BINS, GATE_RATIO_HIST, OUTPUT_COUNTERS, gate_ratio_histogram, output_counters, tap_dispatch
 from pruning.topology import SHORT_SIDE
@@ -363,27 +364,34 @@ def decoder_inputs(labels: list[list[int]], *, start_id: int, pad_id: int) -> tu
 
 
 def make_batches(
-    sources: list[list[int]], labels: Optional[list[list[int]]], *, batch_tokens: int, pad_id: int
+    sources: list[list[int]], labels: Optional[list[list[int]]], *, batch_tokens: int, pad_id: int,
+    first_line: int = 0, chunk_sentences: Optional[int] = None,
 ) -> list[Batch]:
     """Group sentences (longest first) so that ``B * max(longest source, longest label) <= batch_tokens``.
 
     A sentence longer than ``batch_tokens`` gets a batch of its own. The grouping depends only on the
-    lengths, never on the number of processes.
+    lengths, never on the number of processes. Sentence ``i`` is line ``first_line + i`` of the split;
+    with ``chunk_sentences`` K, batches are made within each chunk (lines ``[cK, (c+1)K)``), chunk by
+    chunk, so that a batch never mixes chunks.
     """
     def size(i: int) -> int:
         return max(len(sources[i]), len(labels[i]) if labels is not None else 0)
 
-    order = sorted(range(len(sources)), key=lambda i: (-size(i), i))
+    def chunk(i: int) -> int:
+        return (first_line + i) // chunk_sentences if chunk_sentences else 0
+
+    order = sorted(range(len(sources)), key=lambda i: (chunk(i), -size(i), i))
     groups: list[list[int]] = []
     for i in order:
-        if groups and (len(groups[-1]) + 1) * size(groups[-1][0]) <= batch_tokens:
+        if groups and chunk(groups[-1][0]) == chunk(i) and (len(groups[-1]) + 1) * size(groups[-1][0]) <= batch_tokens:
             groups[-1].append(i)
         else:
             groups.append([i])
     batches = []
     for group in groups:
         ids, mask = pad([sources[i] for i in group], pad_id=pad_id)
-        batches.append(Batch(ids, mask, [labels[i] for i in group] if labels is not None else None, group))
+        lines = [first_line + i for i in group]
+        batches.append(Batch(ids, mask, [labels[i] for i in group] if labels is not None else None, lines))
     return batches
 
 
@@ -413,7 +421,9 @@ class StatsOptions:
     beam: int = field(default=4, metadata={"help": "beam size for --mode beam"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest hypothesis for --mode beam, in tokens (its language code included)"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per batch: sentences x longest (source or target)"})
-    max_sentences: int | None = field(default=None, metadata={"help": "use only the first N sentences of the split"})
+    max_sentences: int | None = field(default=None, metadata={"help": "use at most N sentences of the split (from --first-sentence)"})
+    first_sentence: int = field(default=0, metadata={"help": "first line (0-based) of the split to use; with --chunk-sentences K a multiple of K"})
+    chunk_sentences: int | None = field(default=None, metadata={"help": "also keep the counters per chunk of K sentences (lines [cK, (c+1)K)) so that they can be resampled (nllb-prune stability); 0 or unset: off"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)"})
     dtype: str | None = field(default=None, metadata={"help": "fp32, bf16 or fp16 (default: the checkpoint's); routers always run in fp32"})
     dispatch: str = field(default="auto", metadata={"help": "expert dispatch: auto (grouped GEMM where supported), grouped or loop", "choices": ("auto", "grouped", "loop")})
@@ -444,6 +454,15 @@ class StatsOptions:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.max_sentences is not None and self.max_sentences < 1:
             raise ConfigError(f"--max-sentences must be at least 1, got {self.max_sentences}")
+        if self.first_sentence < 0:
+            raise ConfigError(f"--first-sentence must be a line number >= 0, got {self.first_sentence}")
+        if self.chunk_sentences is not None and self.chunk_sentences < 0:
+            raise ConfigError(f"--chunk-sentences must be a number of sentences >= 1 (0: off), got {self.chunk_sentences}")
+        if self.chunk_size and self.first_sentence % self.chunk_size:
+            raise ConfigError(
+                f"--first-sentence {self.first_sentence} must be a multiple of --chunk-sentences {self.chunk_size}, "
+                "so that a chunk id names the same sentences in every file"
+            )
         self.directions()
 
     def directions(self) -> list[str]:
@@ -465,12 +484,30 @@ class StatsOptions:
     def languages(self) -> list[str]:
         return sorted({lang for d in self.directions() for lang in split_direction(d)})
 
+    @property
+    def chunk_size(self) -> Optional[int]:
+        """K of ``--chunk-sentences``, or None when chunking is off (unset or 0)."""
+        return self.chunk_sentences or None
+
+    def lines(self, num_lines: int) -> range:
+        """The line numbers counted in a split of ``num_lines`` lines (``--first-sentence``, ``--max-sentences``)."""
+        end = num_lines if self.max_sentences is None else min(num_lines, self.first_sentence + self.max_sentences)
+        return range(self.first_sentence, end)
+
+    def chunk_ids(self, num_lines: int) -> range:
+        """The ids of the chunks those lines fall in (``--chunk-sentences`` must be on)."""
+        k, lines = self.chunk_size, self.lines(num_lines)
+        assert k is not None
+        return range(lines.start // k, (lines.stop - 1) // k + 1)
+
 
 def check_languages(options: StatsOptions, flores: Any) -> None:
     """Every language must have a file in the split (the FLORES reader's error lists the valid codes)."""
-    flores.num_lines(options.split)
+    num_lines = flores.num_lines(options.split)
     for lang in options.languages():
         flores.path(lang, options.split)
+    if options.first_sentence >= num_lines:
+        raise StatsError(f"--first-sentence {options.first_sentence} is past the end of split {options.split} ({num_lines} lines)")
 
 
 def check_tokenizer_languages(tokenizer: Any, languages: list[str]) -> None:
@@ -524,7 +561,8 @@ def collection_info(options: StatsOptions, model: Any, *, expert_parallel: int, 
     identity["path"] = os.path.abspath(options.model)
     info: dict[str, Any] = {
         "model": identity,
-        "data": {"dir": os.path.abspath(data_root), "split": options.split, "max_sentences": options.max_sentences},
+        "data": {"dir": os.path.abspath(data_root), "split": options.split, "max_sentences": options.max_sentences, "first_sentence": options.first_sentence},
+        "chunk_sentences": options.chunk_size,
         "mode": options.mode,
         "counted": "teacher-forced reference" if options.mode == "teacher" else "teacher-forced beam-search hypothesis",
         "beam": options.beam if options.mode == "beam" else None,
@@ -540,7 +578,12 @@ def collection_info(options: StatsOptions, model: Any, *, expert_parallel: int, 
     return info
 
 
-_RESUME_KEYS = (("model", "config_sha256"), ("model", "router_fingerprint"), ("data", "split"), ("data", "max_sentences"), ("mode",), ("beam",), ("max_new_tokens",), ("expert_outputs",))
+_RESUME_KEYS = (
+    ("model", "config_sha256"), ("model", "router_fingerprint"), ("data", "split"), ("data", "max_sentences"),
+    ("data", "first_sentence"), ("mode",), ("beam",), ("max_new_tokens",), ("expert_outputs",), ("chunk_sentences",),
+)
+_RESUME_DEFAULTS: dict[tuple[str, ...], Any] = {("data", "first_sentence"): 0}
+"""What a file from before an option was collected with (no key in its info)."""
 
 
 def check_resumable(previous: dict[str, Any], current: dict[str, Any], *, path: Path) -> None:
@@ -552,6 +595,8 @@ def check_resumable(previous: dict[str, Any], current: dict[str, Any], *, path: 
             old, new = _dig(info, keys), _dig(current, keys)
             if keys == ("expert_outputs",):  # files from before the option have no key: collected without
                 old, new = bool(old), bool(new)
+            if old is None:
+                old = _RESUME_DEFAULTS.get(keys)
             if old != new:
                 diffs.append(f"{'.'.join(keys)}: file {old!r}, this run {new!r}")
         if diffs:
@@ -706,13 +751,16 @@ def _collect_rounds(
 
     tokenizer = model.tokenizer
     show = options.progress and ctx.is_main
+    layout = chunk_layout(collector) if options.chunk_size else None
+    chunk_ids = options.chunk_ids(flores.num_lines(options.split)) if options.chunk_size else range(0)
     bar = tqdm(total=len(todo), desc="directions", unit="dir", disable=not show)
     for start in range(0, len(todo), ctx.dp_size):
         round_dirs = todo[start : start + ctx.dp_size]  # one direction per data-parallel group
         mine = round_dirs[ctx.dp_rank] if ctx.dp_rank < len(round_dirs) else None
         bar.set_postfix_str(", ".join(round_dirs) if len(round_dirs) > 1 else round_dirs[0])
         flat = _run_direction(options, ctx, model, collector, flores, tokenizer, mine, show=show)
-        # [len(round), counters + 1 sentence count]: each group writes its own row; the sum holds them all
+        # [len(round), counters + 1 sentence count (+ chunk table and sentences per chunk)]: each group
+        # writes its own row; the sum holds them all
         table = flat.new_zeros(len(round_dirs), flat.shape[0])
         if mine is not None:
             table[ctx.dp_rank] = flat
@@ -720,11 +768,17 @@ def _collect_rounds(
         if ctx.is_main:
             assert stats is not None
             for direction, row in zip(round_dirs, table):
-                counters = collector.unflatten(row[:-1])
+                tail = num_chunk_values(layout, len(chunk_ids)) if layout is not None else 0
+                counters = collector.unflatten(row[: row.shape[0] - tail - 1])
+                if layout is not None:
+                    chunks = chunks_from_flat(layout, row[row.shape[0] - tail :], ids=chunk_ids)
+                    for side in chunks.counters:
+                        counters[side].update(chunks.totals(side))  # exactly the sum of the chunks
+                    stats.add_chunks(direction, chunks, chunk_sentences=int(options.chunk_size or 0), what=str(out))
                 for side, named in counters.items():
                     for name, value in named.items():
                         stats.add(direction, side, name, value)
-                stats.info.setdefault("sentences", {})[direction] = int(row[-1])
+                stats.info.setdefault("sentences", {})[direction] = int(row[row.shape[0] - tail - 1])
             stats.info["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             stats.save(out)
         bar.update(len(round_dirs))
@@ -746,7 +800,8 @@ def _run_direction(
     options: StatsOptions, ctx: Any, model: Any, collector: RoutingCollector, flores: Any, tokenizer: Any,
     direction: Optional[str], *, show: bool,
 ) -> torch.Tensor:
-    """This process's counters for ``direction`` (None: only keep step with the others), flat, + sentences."""
+    """This process's counters for ``direction`` (None: only keep step with the others), flat, + sentences
+    (+ with ``--chunk-sentences``: the chunk table and sentences per chunk, :meth:`ChunkTable.flat`)."""
     from tqdm.auto import tqdm
 
     config = model.config
@@ -766,18 +821,34 @@ def _run_direction(
     )
     _route_direction(model, src, tgt)
     collector.reset()
+    chunks = _chunk_table(options, collector, flores)
     sentences = 0
     with torch.no_grad():
         for step in tqdm(range(steps), desc=direction or "waiting", unit="batch", leave=False, disable=not show):
             if step < len(mine):
                 run_batch(model, collector, mine[step], decoding)
                 sentences += len(mine[step].sentences)
+                if chunks is not None:
+                    chunks.take_batch(collector, mine[step].sentences)
             else:  # no batch left here: run a placeholder so that the expert exchanges stay in step
                 placeholder = placeholder_batch(decoding, src_id=tokenizer.convert_tokens_to_ids(src or any_lang))
                 run_batch(model, collector, placeholder, decoding, count=False)
+    if chunks is not None:
+        total = chunks.flat()
+        flat = total[: chunks.layout.size]
+        return torch.cat([flat, flat.new_tensor([float(sentences)]), total[chunks.layout.size :]])
     flat = collector.flat()
     collector.reset()
     return torch.cat([flat, flat.new_tensor([float(sentences)])])
+
+
+def _chunk_table(options: StatsOptions, collector: RoutingCollector, flores: Any) -> Optional[ChunkTable]:
+    """An empty per-chunk table for one direction (every direction has the same chunks), or None without chunking."""
+    if not options.chunk_size:
+        return None
+    ids = options.chunk_ids(flores.num_lines(options.split))
+    device = collector.flat().device
+    return ChunkTable(chunk_layout(collector), first_chunk=ids.start, num_chunks=len(ids), chunk_sentences=options.chunk_size, device=device)
 
 
 def _route_direction(model: Any, src: Optional[str], tgt: Optional[str]) -> None:
@@ -787,12 +858,12 @@ def _route_direction(model: Any, src: Optional[str], tgt: Optional[str]) -> None
 
 
 def _direction_batches(options: StatsOptions, flores: Any, tokenizer: Any, *, src: str, tgt: str, pad_id: int) -> list[Batch]:
-    sources = flores.read(src, options.split)
-    targets = flores.read(tgt, options.split) if options.mode == "teacher" else None
-    if options.max_sentences is not None:
-        sources = sources[: options.max_sentences]
-        targets = targets[: options.max_sentences] if targets is not None else None
+    lines = options.lines(flores.num_lines(options.split))
+    sources = flores.read(src, options.split)[lines.start : lines.stop]
+    targets = flores.read(tgt, options.split)[lines.start : lines.stop] if options.mode == "teacher" else None
     source_ids = encode(tokenizer, sources, lang=src, target=False)
     label_ids = encode(tokenizer, targets, lang=tgt, target=True) if targets is not None else None
-    return make_batches(source_ids, label_ids, batch_tokens=options.batch_tokens, pad_id=pad_id)
+    return make_batches(
+        source_ids, label_ids, batch_tokens=options.batch_tokens, pad_id=pad_id, first_line=lines.start, chunk_sentences=options.chunk_size
+    )
 
