@@ -15,6 +15,12 @@ Routers keep only the kept experts' rows, in increasing expert order (the order 
 ``manifest["experts"]``), which is how :func:`pruning.model.loading.fill_weights` maps rows to the
 experts a checkpoint holds.
 
+``--policy substitute|merge`` (:mod:`pruning.policy`, with ``--stats``) also keeps the pruned experts'
+router rows, after the kept ones, and stores their treatment: ``constant_outputs`` tensors
+(substitute) or merged kept-expert weights (merge, streamed: a kept expert's tensor is averaged with
+the same tensor of the experts folded into it, read one at a time). The manifest's ``policy`` and
+config.json's ``pruned_routing`` say which row is served by what.
+
 Several directions (``--langs`` / ``--pairs``) keep the union of their experts; at translation time
 :func:`pruning.manifest.set_direction` routes each direction over its own experts only, so one GPU
 serves them all without reloading.
@@ -45,7 +51,17 @@ from pruning.checkpoint.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_d
 from pruning.data.languages import check_code_form
 from pruning.errors import UserError
 from pruning.index import ExpertIndex, LayerExperts, experts_for_direction, read_index, validate_index, write_index
-from pruning.manifest import ANY_DIRECTION, build_manifest, direction_key, layer_name, natural_key, sha256_file, write_manifest
+from pruning.manifest import (
+    ANY_DIRECTION,
+    DROP,
+    build_manifest,
+    direction_key,
+    layer_name,
+    natural_key,
+    policy_name,
+    sha256_file,
+    write_manifest,
+)
 from pruning.topology import Topology
 
 Direction = tuple[str, str]
@@ -160,14 +176,84 @@ def _ordered(reader: CheckpointReader) -> CheckpointReader:
     return dataclasses.replace(reader, _entries=sorted(reader.entries(), key=lambda e: natural_key(e.name)))
 
 
-def _router_rows(reader: CheckpointReader, union: LayerExperts) -> dict[tuple[str, int], torch.Tensor]:
-    """Rows of each source router to keep: the source holds ``present`` experts, row i = present[i]."""
+def _router_rows(reader: CheckpointReader, union: LayerExperts, extra: Optional[Mapping[tuple[str, int], Any]] = None) -> dict[tuple[str, int], torch.Tensor]:
+    """Rows of each source router to keep: the source holds ``present`` experts, row i = present[i].
+
+    ``extra`` (policy exports): per layer, an :class:`~pruning.model.moe.ExtraRows` whose rows follow the kept ones.
+    """
     present = reader.present_experts()
     rows = {}
     for slot, ids in union.items():
         row_of = {e: i for i, e in enumerate(present[slot])}
-        rows[slot] = torch.tensor([row_of[e] for e in ids], dtype=torch.long)
+        more = list(extra[slot].ids) if extra and slot in extra else []
+        rows[slot] = torch.tensor([row_of[e] for e in [*ids, *more]], dtype=torch.long)
     return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _Computed:
+    """A tensor computed by the export (a substitute layer's constant outputs) standing in an entry's place."""
+
+    value: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.value.dtype
+
+    def load(self) -> torch.Tensor:
+        return self.value
+
+
+def _plan_policy(policy: str, stats: Optional[str | Path], *, reader: CheckpointReader, plan: ExportPlan) -> Any:
+    """The :class:`pruning.policy.PolicyPlan` of a substitute/merge export (None for drop)."""
+    from pruning.policy import check_policy, plan_policy
+    from pruning.stats.counters import RoutingStats
+
+    check_policy(policy, stats)
+    if policy == DROP:
+        return None
+    if reader.manifest is not None:
+        raise ExportError(
+            f"--policy {policy} needs the unpruned model's routers"
+            + (" and the pruned experts' weights" if policy == "merge" else "")
+            + f", but {reader.path} is itself a pruned export (policy {policy_name(reader.manifest)}): export from the full model"
+        )
+    everything = list(range(reader.topology.num_experts))
+    partial = [f"{side} layer {layer}" for (side, layer), ids in reader.present_experts().items() if ids != everything]
+    if partial:
+        raise ExportError(f"--policy {policy} needs every expert of the source model, but {reader.path} lacks some in {', '.join(partial[:6])}")
+    stats_path = Path(str(stats))
+    routers: dict[tuple[str, int], torch.Tensor] = {}
+    by_name = {e.name: e for e in reader.entries()}
+
+    def router(side: str, layer: int) -> torch.Tensor:  # [E, D], row e = expert e (a full source)
+        if (side, layer) not in routers:
+            routers[(side, layer)] = by_name[keymap.router_key(side, layer)].tensor.load().float()
+        return routers[(side, layer)]
+
+    return plan_policy(
+        policy,
+        union=plan.union,
+        stats=RoutingStats.load(stats_path),
+        directions=list(plan.directions),
+        topology=reader.topology,
+        router=router,
+        stats_info={"file": stats_path.name, "sha256": sha256_file(stats_path)},
+    )
+
+
+def _with_constants(reader: CheckpointReader, policy_plan: Any) -> CheckpointReader:
+    """``reader`` plus a substitute plan's constant outputs as entries (streamed with the rest, in name order)."""
+    if policy_plan is None:
+        return reader
+    from pruning.policy import constant_tensors
+
+    computed = [Entry(name, _Computed(value), reader.path, name) for name, value in constant_tensors(policy_plan).items()]  # type: ignore[arg-type]
+    return dataclasses.replace(reader, _entries=[*reader.entries(), *computed])
 
 
 def export_checkpoint(
@@ -182,12 +268,16 @@ def export_checkpoint(
     selection: Optional[Mapping[str, Any]] = None,
     index_file: Optional[str | Path] = None,
     progress: bool = True,
+    policy: str = DROP,
+    stats: Optional[str | Path] = None,
 ) -> Path:
     """Write a pruned export of ``model`` keeping the experts ``experts`` gives ``directions``.
 
     ``experts`` is an index file (``experts.json``) or an :class:`ExpertIndex`; in the latter case the
     index is also written into the export as ``experts.json`` (and ``index_file`` is ignored).
-    ``dtype`` None keeps the source's. ``selection`` is recorded as is in the manifest.
+    ``dtype`` None keeps the source's. ``selection`` is recorded as is in the manifest. ``policy``
+    (``drop`` | ``substitute`` | ``merge``, :mod:`pruning.policy`) is the pruned experts' treatment;
+    ``substitute`` and ``merge`` need ``stats``, a statistics file of the unpruned model.
     """
     from pruning import __version__
 
@@ -198,9 +288,11 @@ def export_checkpoint(
     index, index_info = _index_and_info(experts)
     plan = plan_export(index, reader.topology, directions, what=index_info["file"] or "expert index")
     check_available(plan, reader)
+    policy_plan = _plan_policy(policy, stats, reader=reader, plan=plan)
     keep = {slot: set(ids) for slot, ids in plan.union.items()}
-    rows = _router_rows(reader, plan.union)
+    rows = _router_rows(reader, plan.union, policy_plan.extra_rows() if policy_plan else None)
     target_dtype = dtype or reader.dtype
+    source_entries = {e.name: e for e in reader.entries()}
 
     def skip(entry: Entry) -> bool:
         key = keymap.parse_expert_key(entry.name)
@@ -208,11 +300,26 @@ def export_checkpoint(
 
     def transform(entry: Entry, tensor: torch.Tensor) -> torch.Tensor:
         router = keymap.parse_router_key(entry.name)
-        return tensor if router is None else tensor[rows[router]]  # [kept, D]
+        if router is not None:
+            return tensor[rows[router]]  # [kept (+ pruned rows of a policy), D]
+        key = keymap.parse_expert_key(entry.name)
+        if key is None or policy_plan is None or policy_plan.name != "merge":
+            return tensor
+        coefficients = policy_plan.layers[(key.side, key.layer)].fold_coefficients(key.expert)
+        if len(coefficients) == 1:
+            return tensor
+        from pruning.policy import merge_tensor
+
+        def parts():  # the kept expert's tensor, then each folded expert's, loaded one at a time
+            for expert, coefficient in coefficients:
+                name = keymap.expert_key(key.side, key.layer, expert, key.linear, key.kind)
+                yield coefficient, tensor if expert == key.expert else source_entries[name].tensor.load()
+
+        return merge_tensor(parts())
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, max_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
-        stream_entries(_ordered(reader), writer, dtype=target_dtype, transform=transform, skip=skip, progress=progress, desc="exporting")
+        stream_entries(_ordered(_with_constants(reader, policy_plan)), writer, dtype=target_dtype, transform=transform, skip=skip, progress=progress, desc="exporting")
         shards = writer.close()
         directions_ids = {key: plan.global_ids(key) for key in plan.directions}
         remote = {
@@ -220,6 +327,8 @@ def export_checkpoint(
             "pruned_experts": {layer_name(side, layer): ids for (side, layer), ids in plan.union.items()},
             "pruned_directions": directions_ids,
         }
+        if policy_plan is not None:
+            remote["pruned_routing"] = policy_plan.config_entry()
         write_config(_clean_config(reader.config), tmp, dtype=target_dtype, extra=remote)
         shutil.copyfile(REMOTE_CODE, tmp / REMOTE_CODE.name)
         copy_tokenizer(reader, tmp)
@@ -235,6 +344,7 @@ def export_checkpoint(
             selection=selection,
             weights={shard.name: sha256_file(shard) for shard in shards},
             version=__version__,
+            policy=policy_plan.record if policy_plan else None,
         )
         write_manifest(tmp, manifest)
     return out
@@ -271,7 +381,22 @@ def summarize(out: Path, manifest: Mapping[str, Any]) -> list[str]:
         f"experts kept: {manifest['num_experts_kept']} of {Topology.from_dict(manifest['topology']).num_total_experts} ({per_layer})",
         f"directions: {shown}",
         f"dtype: {manifest['dtype']}, weights: {len(manifest['weights'])} shard(s)",
+        f"pruned experts: {_policy_line(manifest)}",
     ]
+
+
+def _policy_line(manifest: Mapping[str, Any]) -> str:
+    name = policy_name(manifest)
+    if name == DROP:
+        return "drop (router rows removed, as in the paper)"
+    layers = manifest["policy"]["layers"].values()
+    rows = sum(len(entry["rows"]) for entry in layers)
+    if name == "substitute":
+        never = sum(len(entry.get("never_routed", [])) for entry in layers)
+        return f"substitute ({rows} router rows kept, each answered by its expert's mean output; {never} never routed in the statistics: zero)"
+    by = [rule for entry in layers for rule in entry.get("by", [])]
+    counts = ", ".join(f"{rule} {by.count(rule)}" for rule in sorted(set(by)))
+    return f"merge ({rows} experts folded into kept ones, weights by {manifest['policy'].get('frequency')}; chosen by {counts})"
 
 
 def iter_languages(directions: Iterable[Direction]) -> list[str]:

@@ -17,7 +17,17 @@ Written by :mod:`pruning.export` into every export; read back by :func:`pruning.
   of the expert index the export was cut from (``file`` is a base name: no source paths);
 * ``selection``: what the caller recorded about how the index was chosen (``nllb-prune prune``: the
   selection flags and the statistics file's name and sha256); ``{}`` when unknown;
-* ``weights``: ``{shard file name: sha256}``, so the manifest's own digest identifies the weights.
+* ``weights``: ``{shard file name: sha256}``, so the manifest's own digest identifies the weights;
+* ``policy`` (format version 2; absent in version 1 = ``{"name": "drop"}``): the treatment of pruned
+  experts chosen at export (:mod:`pruning.policy`). ``{"name": "drop"}`` (the paper's: router rows
+  removed; written with format version 1, as before) or, for ``substitute`` / ``merge`` (format
+  version 2), ``name``, ``statistics`` (file name, sha256, the directions summed per side),
+  ``frequency`` (merge: ``"routed"`` or ``"top1+top2"``) and ``layers``:
+  ``{"encoder.3": {"rows": [pruned ids], "to": [kept id | null], ...}}``: the router of that layer
+  stores the kept experts' rows (``experts``), then one row per ``rows`` entry; ``to`` is the kept
+  expert serving that row (merge) or null: the row's assignments add the next row of the layer's
+  ``constant_outputs`` tensor [P, D] (substitute). Merge layers also record ``by`` per row (``"coact"``
+  or ``"router"``: how the kept expert was chosen); substitute layers ``never_routed``.
 
 Nothing in it depends on the source checkpoint's layout or path: exports of one index from the
 fairseq and the HF layout of the same model are byte-identical, manifest included.
@@ -40,8 +50,10 @@ from pruning.topology import Side, Topology
 
 MANIFEST_NAME = "pruning_manifest.json"
 FORMAT = "nllb-prune/export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Highest version read; an export without a pruned-expert policy (``drop``) is still written as 1."""
 ANY_DIRECTION = "*"
+DROP = "drop"
 
 LayerExperts = dict[tuple[Side, int], list[int]]
 
@@ -117,11 +129,13 @@ def build_manifest(
     selection: Optional[Mapping[str, Any]],
     weights: Mapping[str, str],
     version: str,
+    policy: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
     langs = sorted({lang for key in directions if key != ANY_DIRECTION for lang in key.split("-")})
+    policy = dict(policy or {"name": DROP})
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1 if policy["name"] == DROP else FORMAT_VERSION,
         "created_by": f"nllb-prune {version}",
         "topology": topology.to_dict(),
         "dtype": str(dtype).replace("torch.", ""),
@@ -132,6 +146,7 @@ def build_manifest(
         "index": dict(index_info),
         "selection": dict(selection or {}),
         "weights": dict(sorted(weights.items())),
+        "policy": policy,
     }
 
 
@@ -158,6 +173,46 @@ def check_manifest(data: Any, *, what: str = MANIFEST_NAME) -> None:
     for key in ("topology", "experts", "directions"):
         if not isinstance(data.get(key), dict):
             raise ManifestError(f"{what}: missing or malformed {key!r}")
+
+
+def policy_name(manifest: Optional[Mapping[str, Any]]) -> str:
+    """``drop`` | ``substitute`` | ``merge`` (``drop`` for a full model and for version-1 manifests)."""
+    if not manifest:
+        return DROP
+    return str(dict(manifest.get("policy") or {}).get("name", DROP))
+
+
+def policy_layers(manifest: Optional[Mapping[str, Any]]) -> dict[tuple[Side, int], tuple[list[int], list[Optional[int]]]]:
+    """``{(side, layer): (extra row ids, serving kept id or None)}`` of a substitute/merge export; {} otherwise."""
+    if policy_name(manifest) == DROP:
+        return {}
+    layers = manifest["policy"].get("layers")  # type: ignore[index]
+    if not isinstance(layers, Mapping):
+        raise ManifestError(f"manifest policy {policy_name(manifest)!r} has no 'layers' mapping")
+    out = {}
+    for name, entry in layers.items():
+        rows, to = list(entry.get("rows", [])), list(entry.get("to", []))
+        if len(rows) != len(to):
+            raise ManifestError(f"manifest policy layer {name!r}: {len(rows)} 'rows' but {len(to)} 'to' entries")
+        out[parse_layer_name(name)] = ([int(r) for r in rows], [None if t is None else int(t) for t in to])
+    return out
+
+
+def constant_outputs_key(side: str, layer: int) -> str:
+    """Canonical name of a substitute layer's [P, D] mean outputs (``...ffn.constant_outputs``)."""
+    return f"{side}.layers.{layer}.ffn.constant_outputs"
+
+
+def policy_tensor_shapes(manifest: Optional[Mapping[str, Any]], config: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes a substitute/merge export's routers ([kept + extra rows, D]) and constant outputs ([P, D]) have."""
+    out: dict[str, tuple[int, ...]] = {}
+    for (side, layer), (rows, to) in policy_layers(manifest).items():
+        kept = len(manifest["experts"].get(layer_name(side, layer), []))  # type: ignore[index]
+        out[f"{side}.layers.{layer}.ffn.router.classifier.weight"] = (kept + len(rows), config.d_model)
+        constants = sum(t is None for t in to)
+        if constants:
+            out[constant_outputs_key(side, layer)] = (constants, config.d_model)
+    return out
 
 
 def manifest_topology(manifest: Mapping[str, Any]) -> Topology:
@@ -195,9 +250,13 @@ def set_direction(model: Any, src: Optional[str], tgt: Optional[str] = None) -> 
     """Route every MoE layer of ``model`` over direction ``src-tgt``'s own experts only.
 
     Uses ``model.manifest`` (an export's manifest, set by :func:`pruning.load_model`): each layer's
-    ``router.active`` becomes a [E] bool mask over the experts the layer holds, or None when the
-    direction uses all of them. ``set_direction(model, None)`` clears every mask. A model without a
-    manifest (a full checkpoint) is left routing over everything it holds.
+    ``router.active`` becomes a [R] bool mask over the router's rows, or None when the direction uses
+    all of them. ``set_direction(model, None)`` clears every mask. A model without a manifest (a full
+    checkpoint) is left routing over everything it holds.
+
+    Rows of pruned experts kept by a ``substitute`` / ``merge`` export (experts outside the union of
+    the export's directions) stay active for every direction; an expert of the union that a direction
+    does not use is masked out for that direction, as with ``drop``.
     """
     layers = list(model.moe_layers())
     if src is None:
@@ -226,4 +285,6 @@ def set_direction(model: Any, src: Optional[str], tgt: Optional[str] = None) -> 
         if keep == set(held):
             moe.router.active = None
         else:
-            moe.router.active = torch.tensor([e in keep for e in held], dtype=torch.bool, device=moe.router.weight.device)
+            extra = len(moe.router.expert_ids) - len(held)  # rows of pruned experts (policy exports)
+            mask = [e in keep for e in held] + [True] * extra
+            moe.router.active = torch.tensor(mask, dtype=torch.bool, device=moe.router.weight.device)

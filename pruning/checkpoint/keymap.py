@@ -58,6 +58,7 @@ CANONICAL_PATTERNS: list[str] = [
     rf"{_SIDE}\.layers\.{_N}\.ff_layer_norm\.{_WB}",
     rf"{_SIDE}\.layers\.{_N}\.ffn\.router\.classifier\.weight",
     rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.fc(1|2)\.{_WB}",
+    rf"{_SIDE}\.layers\.{_N}\.ffn\.constant_outputs",  # substitute-policy exports (pruning.manifest)
 ]
 
 _EXPERT_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.(fc1|fc2)\.{_WB}")

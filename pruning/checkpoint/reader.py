@@ -441,7 +441,9 @@ def _check_complete(reader: CheckpointReader) -> None:
     experts = None
     if reader.manifest is not None or any(len(v) != topology.num_experts for v in present.values()):
         experts = {(side, layer): present.get((side, layer), []) for _, side, layer in topology.iter_moe_layers()}
-    expected = set(expected_names(topology, experts=experts))
+    from pruning.manifest import policy_tensor_shapes
+
+    expected = set(expected_names(topology, experts=experts)) | set(policy_tensor_shapes(reader.manifest, reader.config))
     have = set(reader.names())
     missing = sorted(expected - have)
     extra = sorted(have - expected)
@@ -470,11 +472,14 @@ def expected_shape(name: str, config: Any, *, router_rows: int) -> tuple[int, ..
 
 def _check_shapes(reader: CheckpointReader, present: dict[tuple[str, int], list[int]]) -> None:
     """Every tensor's shape against the config, before any weight is loaded; all mismatches at once."""
+    from pruning.manifest import policy_tensor_shapes
+
     wrong = []
+    policy_shapes = policy_tensor_shapes(reader.manifest, reader.config)  # substitute/merge exports
     for entry in reader.entries():
         router = keymap.parse_router_key(entry.name)
         rows = len(present.get(router, [])) if router else 0
-        want = expected_shape(entry.name, reader.config, router_rows=rows)
+        want = policy_shapes.get(entry.name) or expected_shape(entry.name, reader.config, router_rows=rows)
         if tuple(entry.tensor.shape) != want:
             wrong.append(f"{entry.file.name}:{entry.source_key} has shape {tuple(entry.tensor.shape)}, config expects {want}")
     if wrong:

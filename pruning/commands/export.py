@@ -1,4 +1,5 @@
-"""nllb-prune export --model M --experts experts.json (--src L --tgt L | --langs L1,L2 | --pairs a-b,..) --out DIR"""
+"""nllb-prune export --model M --experts experts.json (--src L --tgt L | --langs L1,L2 | --pairs a-b,..) --out DIR
+[--policy drop|substitute|merge --stats stats.safetensors]"""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ NAME = "export"
 HELP = "Write a pruned single-GPU checkpoint: the dense part plus the experts an expert index keeps for some directions."
 
 DTYPE_CHOICES = ["bf16", "fp16", "fp32"]
+POLICY_CHOICES = ["drop", "substitute", "merge"]
 
 
 @dataclass
@@ -28,6 +30,13 @@ class ExportConfig:
     dtype: str = field(default="bf16", metadata={"help": "storage dtype of the weights (routers stay fp32)", "choices": DTYPE_CHOICES})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing export directory"})
     shard_gb: float = field(default=4.0, metadata={"help": "maximum shard size in GiB (bounds the export's memory use)"})
+    policy: str = field(default="drop", metadata={
+        "help": "treatment of pruned experts: drop (router rows removed, the paper's), substitute (rows kept, answered by "
+        "the expert's mean output; needs --stats from `stats --expert-outputs`), merge (folded into the kept expert "
+        "they co-activate with most, frequency-weighted; needs --stats)",
+        "choices": POLICY_CHOICES,
+    })
+    stats: str = field(default="", metadata={"help": "statistics file of the unpruned model (for --policy substitute|merge)"})
 
     def validate(self) -> None:
         missing = [flag for flag, value in (("--model", self.model), ("--experts", self.experts), ("--out", self.out)) if not value]
@@ -37,6 +46,9 @@ class ExportConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if not self.shard_gb > 0:
             raise ConfigError(f"--shard-gb must be positive, got {self.shard_gb}")
+        from pruning.policy import check_policy
+
+        check_policy(self.policy, self.stats or None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         dtype=parse_dtype(config.dtype),
         overwrite=config.overwrite,
         max_shard_bytes=int(config.shard_gb * 2**30),
+        policy=config.policy,
+        stats=config.stats or None,
     )
     print(f"source {config.model}")
     for line in summarize(out, read_manifest(out) or {}):

@@ -13,11 +13,13 @@ import torch
 from torch import nn
 from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
 
-from pruning.model.moe import DISPATCHES, MoeLayer, choose_dispatch
+from pruning.model.moe import DISPATCHES, ExtraRows, MoeLayer, choose_dispatch
 from pruning.topology import Side, Topology
 
 ExpertSelection = dict[tuple[str, int], list[int]]
 """(side, layer) -> sorted original indices of the experts a MoE layer keeps."""
+LayerExtraRows = dict[tuple[str, int], ExtraRows]
+"""(side, layer) -> router rows of pruned experts kept for routing (``substitute`` / ``merge`` policies)."""
 
 
 class NllbMoeForPruning(NllbMoeForConditionalGeneration):
@@ -46,6 +48,10 @@ class NllbMoeForPruning(NllbMoeForConditionalGeneration):
     def expert_selection(self) -> ExpertSelection:
         return {(side, layer): moe.expert_ids for side, layer, moe in self.moe_layers()}
 
+    def extra_rows(self) -> LayerExtraRows:
+        """The layers with router rows of pruned experts (a ``substitute`` / ``merge`` export); {} otherwise."""
+        return {(side, layer): moe.extra_rows for side, layer, moe in self.moe_layers() if moe.extra_rows.ids}
+
     def set_direction(self, src: Optional[str], tgt: Optional[str] = None) -> None:
         """Route over direction ``src-tgt``'s experts of an export's manifest; None clears (see pruning.manifest)."""
         from pruning.manifest import set_direction
@@ -73,10 +79,14 @@ def build_empty_model(
     config: NllbMoeConfig,
     *,
     experts: Optional[ExpertSelection] = None,
+    extra_rows: Optional[LayerExtraRows] = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> NllbMoeForPruning:
-    """An uninitialised model (parameters allocated, not filled) keeping ``experts`` (default all)."""
+    """An uninitialised model (parameters allocated, not filled) keeping ``experts`` (default all).
+
+    ``extra_rows`` gives layers router rows of pruned experts (see :class:`pruning.model.moe.ExtraRows`).
+    """
     from accelerate import init_empty_weights
     from transformers.modeling_utils import no_init_weights
 
@@ -93,6 +103,7 @@ def build_empty_model(
                 expert_ids=experts[(side, layer)],
                 eom=config.moe_token_dropout,
                 capacity_fraction=config.moe_eval_capacity_token_fraction,
+                extra_rows=(extra_rows or {}).get((side, layer)),
             )
     model.tie_weights()  # accelerate's meta init registers fresh parameters: re-tie embeddings and lm_head
     _materialise(model, dtype=dtype, device=torch.device(device))

@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 from pruning.checkpoint import keymap
 from pruning.checkpoint.reader import CheckpointReader, open_checkpoint
 from pruning.checkpoint.torch_zip import CheckpointError
-from pruning.model.build import ExpertSelection, NllbMoeForPruning, build_empty_model, full_selection
+from pruning.model.build import ExpertSelection, LayerExtraRows, NllbMoeForPruning, build_empty_model, full_selection
+from pruning.model.moe import ExtraRows
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -49,14 +50,22 @@ def load_model(
     ``experts`` keeps a subset per MoE layer ((side, layer) -> expert indices); the router keeps only
     their rows. ``dtype`` None keeps the checkpoint's. ``dispatch`` picks the expert dispatch
     (``auto``: grouped GEMM where supported, else the sorted per-expert loop). The tokenizer, if
-    found, is ``model.tokenizer``.
+    found, is ``model.tokenizer``. An export made with ``--policy substitute|merge`` is loaded with
+    its pruned experts' router rows and their treatment (its manifest's ``policy``); it loads whole
+    (``experts`` must be None or everything it holds).
     """
     reader = open_checkpoint(path)
     available = reader.present_experts()
     selection = experts if experts is not None else (available or full_selection(reader.topology))
     _check_selection(selection, available, reader)
+    extra = policy_extra_rows(reader)
+    if extra and selection != available:
+        raise CheckpointError(
+            f"{reader.path} is a --policy {reader.manifest['policy']['name']} export: it loads with all the experts it holds "  # type: ignore[index]
+            "(an expert subset or --expert-parallel > 1 is only possible for --policy drop exports)"
+        )
     target_dtype = parse_dtype(dtype) or reader.dtype
-    model = build_empty_model(reader.config, experts=selection, dtype=target_dtype, device=resolve_device(device))
+    model = build_empty_model(reader.config, experts=selection, extra_rows=extra, dtype=target_dtype, device=resolve_device(device))
     fill_weights(model, reader, progress=progress)
     try:
         model.set_dispatch(dispatch)
@@ -67,6 +76,13 @@ def load_model(
     model.source_layout = reader.layout  # type: ignore[attr-defined]
     model.manifest = reader.manifest  # type: ignore[attr-defined]
     return model
+
+
+def policy_extra_rows(reader: CheckpointReader) -> LayerExtraRows:
+    """Router rows of pruned experts that an export's ``policy`` keeps, per layer ({} for drop / full models)."""
+    from pruning.manifest import policy_layers
+
+    return {slot: ExtraRows(tuple(rows), tuple(to)) for slot, (rows, to) in policy_layers(reader.manifest).items() if rows}
 
 
 def _check_selection(selection: ExpertSelection, available: dict[tuple[str, int], list[int]], reader: CheckpointReader) -> None:
@@ -110,15 +126,16 @@ def fill_weights(model: NllbMoeForPruning, reader: CheckpointReader, *, progress
             elif router is not None:
                 moe = model.moe_layer(*router)
                 source = entry.tensor.load()
-                # Router rows follow the experts the checkpoint holds (all of them, or an export's kept ones).
-                held = present[router]
+                # Router rows follow the experts the checkpoint holds (all of them, or an export's kept ones),
+                # then a policy export's rows of pruned experts (the model's extra rows, in the same order).
+                held = [*present[router], *moe.extra_rows.ids]
                 if source.shape[0] != len(held):
                     raise CheckpointError(
                         f"{entry.file}: router {entry.source_key} has {source.shape[0]} rows but the checkpoint "
-                        f"holds {len(held)} experts for that layer"
+                        f"holds {len(held)} experts (and policy rows) for that layer"
                     )
                 row_of = {e: i for i, e in enumerate(held)}
-                rows = torch.tensor([row_of[e] for e in moe.expert_ids], dtype=torch.long)
+                rows = torch.tensor([row_of[e] for e in moe.router_ids], dtype=torch.long)
                 _copy(moe.router.weight, entry, reader, tensor=source[rows])
                 filled.add(entry.name)
             else:

@@ -13,6 +13,16 @@ Routing (fairseq ``top2gating``, eval mode; reference page section 2):
 
 The router decides and returns a :class:`Routing` (data, no state on ``self``); the dispatch turns
 ``(x, routing)`` into the output. Statistics collection observes the routing through a forward hook.
+
+Pruned-expert policies (``nllb-prune export --policy substitute|merge``; ``drop`` is the paper's and
+needs nothing here): a layer may keep router rows of pruned experts, after the rows of its kept
+experts (R router rows >= E experts with weights). :class:`ExtraRows` says what serves each extra
+row: a kept expert (``merge``: the expert the pruned one was folded into) or a stored constant output
+vector (``substitute``: the pruned expert's mean output). The router and the :class:`Routing` it
+returns (what statistics hooks see: R rows, original expert ids) are unchanged; the layer maps router
+rows to *slots* (``row_slot`` [R]: slots 0..E-1 are the experts, slots E..E+P-1 the P constant
+vectors), hands the dispatch a routing over slots without the constant assignments, and adds
+``weight * constant`` for those. A layer without extra rows runs exactly the code it always ran.
 """
 
 from __future__ import annotations
@@ -139,6 +149,44 @@ class StackedExperts(nn.Module):
 Dispatch = Callable[[torch.Tensor, Routing, StackedExperts], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class ExtraRows:
+    """Router rows of pruned experts kept for routing only, in router order after the kept experts' rows.
+
+    ``ids[j]``: the original index of the pruned expert whose router row is extra row j;
+    ``to[j]``: the original index of the kept expert that serves that row's assignments (``merge``),
+    or None: the assignment contributes the layer's next stored constant output (``substitute``;
+    ``constant_outputs`` rows follow the None entries in order).
+    """
+
+    ids: tuple[int, ...] = ()
+    to: tuple[Optional[int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.to):
+            raise ValueError(f"ExtraRows: {len(self.ids)} ids but {len(self.to)} targets")
+
+    @property
+    def num_constants(self) -> int:
+        return sum(t is None for t in self.to)
+
+    def row_slots(self, expert_ids: Sequence[int]) -> list[int]:
+        """Slot of every router row (kept rows first): kept row i -> i; extra rows -> target or constant."""
+        local = {int(e): i for i, e in enumerate(expert_ids)}
+        slots, constants = list(range(len(local))), 0
+        for pruned, target in zip(self.ids, self.to):
+            if pruned in local:
+                raise ValueError(f"expert {pruned} has weights in this layer and cannot also be an extra router row")
+            if target is None:
+                slots.append(len(local) + constants)
+                constants += 1
+            elif target not in local:
+                raise ValueError(f"extra router row of expert {pruned} is served by expert {target}, which the layer does not keep")
+            else:
+                slots.append(local[target])
+        return slots
+
+
 def sorted_loop_dispatch(x: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
     """Sort the T*K assignments by expert and run each expert once on its tokens.
 
@@ -226,7 +274,9 @@ class MoeLayer(nn.Module):
     """Router + stacked experts; replaces ``transformers``' ``NllbMoeSparseMLP`` inside each MoE layer.
 
     ``expert_ids`` are the original indices of the experts this layer keeps (all of them unpruned).
-    Called as HF's layer calls its ``ffn``: ``(hidden [B, S, D], attention_mask)`` -> ``(out, routing)``.
+    ``extra_rows`` (pruned-expert policies, see the module docstring) adds router rows that no expert
+    weights of their own serve. Called as HF's layer calls its ``ffn``:
+    ``(hidden [B, S, D], attention_mask)`` -> ``(out, routing)``.
     """
 
     def __init__(
@@ -238,15 +288,32 @@ class MoeLayer(nn.Module):
         eom: float = 0.2,
         capacity_fraction: float = 1.0,
         dispatch: Optional[Dispatch] = None,
+        extra_rows: Optional[ExtraRows] = None,
     ):
         super().__init__()
-        self.router = Router(d_model=d_model, expert_ids=expert_ids, capacity_fraction=capacity_fraction)
+        extra = extra_rows or ExtraRows()
+        self.router = Router(d_model=d_model, expert_ids=[*expert_ids, *extra.ids], capacity_fraction=capacity_fraction)
         self.experts = StackedExperts(num_experts=len(expert_ids), d_model=d_model, ffn_dim=ffn_dim)
         self.eom = eom
         self.dispatch: Dispatch = dispatch or sorted_loop_dispatch
+        self.extra_rows = extra
+        # [P, D] mean outputs of the substituted experts (model dtype), or None
+        if extra.num_constants:
+            self.constant_outputs: Optional[nn.Parameter] = nn.Parameter(torch.empty(extra.num_constants, d_model))
+        else:
+            self.register_parameter("constant_outputs", None)
+        # [R] long: router row -> slot (see the module docstring), or None for a plain layer
+        slots = torch.tensor(extra.row_slots(expert_ids), dtype=torch.long) if extra.ids else None
+        self.register_buffer("row_slot", slots, persistent=False)
 
     @property
     def expert_ids(self) -> list[int]:
+        """Original indices of the experts with weights here (router rows 0..E-1)."""
+        return self.router.expert_ids.tolist()[: self.experts.num_experts]
+
+    @property
+    def router_ids(self) -> list[int]:
+        """Original index of every router row: the kept experts, then the extra (pruned) rows."""
         return self.router.expert_ids.tolist()
 
     def forward(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
@@ -254,7 +321,10 @@ class MoeLayer(nn.Module):
         token_mask = token_mask_from_attention(attention_mask, batch=batch, seq=seq, device=hidden.device)
         x = hidden.reshape(batch * seq, d_model)  # [T, D]
         routing = self.router(x, token_mask)
-        out = self.dispatch(x, routing, self.experts)  # [T, D]
+        if self.row_slot is None:
+            out = self.dispatch(x, routing, self.experts)  # [T, D]
+        else:
+            out = self._slot_forward(x, routing)  # [T, D]
         if self.training and self.eom > 0:
             # fairseq's expert output masking: drop a whole token's expert output, no rescaling.
             keep = torch.rand(out.shape[0], 1, device=out.device) >= self.eom
@@ -262,6 +332,45 @@ class MoeLayer(nn.Module):
         elif self.eom > 0:
             out = out * (1.0 - self.eom)
         return out.reshape(batch, seq, d_model), routing
+
+
+    def _slot_forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:  # only when row_slot is set
+        """Dispatch over slots (experts) and add the constant outputs; [T, D] before EOM scaling."""
+        to_experts, constant = slot_routing(routing, self.row_slot, num_experts=self.experts.num_experts)
+        out = self.dispatch(x, to_experts, self.experts)  # [T, D]
+        if self.constant_outputs is None:
+            return out
+        slot = self.row_slot[routing.expert_idx]  # [T, K]
+        weight = routing.weights * (routing.dispatched & constant)  # [T, K] fp32, 0 off the constant assignments
+        values = self.constant_outputs[(slot - self.experts.num_experts).clamp(min=0)]  # [T, K, D]
+        return out + (values * weight[..., None].to(values.dtype)).sum(dim=1)
+
+
+def slot_routing(routing: Routing, row_slot: torch.Tensor, *, num_experts: int) -> tuple[Routing, torch.Tensor]:
+    """The routing a dispatch over E experts sees, and [T, K] bool: the assignment goes to a constant slot.
+
+    ``expert_idx`` become slots (constant assignments point at slot 0 and are not dispatched); the
+    combine weights stay those of the router rows, so a token whose two choices share a slot gets
+    (w1 + w2) x that expert's output. ``probs`` [T, E] sums the probabilities of the rows of each slot
+    (``logits`` = their log), ``expert_ids`` are the kept experts' ids: an output tap sees merged rows
+    as their kept expert, and never sees constant assignments.
+    """
+    slot = row_slot[routing.expert_idx]  # [T, K]
+    constant = slot >= num_experts  # [T, K]
+    # slots < E + P <= R (one constant per extra row at most): [T, R] holds them all, no host sync
+    probs = torch.zeros_like(routing.probs).index_add(1, row_slot, routing.probs)[:, :num_experts]  # [T, E]
+    return (
+        Routing(
+            logits=probs.log(),
+            probs=probs,
+            expert_idx=slot.masked_fill(constant, 0),
+            weights=routing.weights,
+            dispatched=routing.dispatched & ~constant,
+            token_mask=routing.token_mask,
+            expert_ids=routing.expert_ids[:num_experts],
+        ),
+        constant,
+    )
 
 
 def token_mask_from_attention(

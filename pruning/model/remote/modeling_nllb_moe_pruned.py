@@ -19,6 +19,14 @@ does at inference (the semantics of NLLB-200):
 * combine weights p1/(p1+p2), p2/(p1+p2) over the assignments that were accepted;
 * the expert outputs are scaled by (1 - moe_token_dropout) (expert output masking at inference).
 
+An export made with ``--policy substitute`` or ``--policy merge`` also carries ``pruned_routing``
+(``{"policy": ..., "layers": {"encoder.3": {"rows": [pruned ids], "to": [kept id or null]}}}``): the
+router of such a layer has one more row per ``rows`` entry, after the kept experts' rows, and routes
+over all of them; an assignment to such a row is served by kept expert ``to`` (merge: the merged
+expert receives the tokens of the experts folded into it) or, where ``to`` is null, adds
+``weight * constant_outputs[j]`` (substitute: the pruned expert's stored mean output, j counting the
+null entries in order), scaled by (1 - moe_token_dropout) like any expert output.
+
 Stock ``transformers`` 5.x runs only experts 0 and 1 in this model; this file never uses its MoE layer.
 """
 
@@ -63,14 +71,29 @@ class PrunedRouter(nn.Module):
 class PrunedSparseMLP(nn.Module):
     """The kept experts of one MoE layer (``experts.expert_{id}``) and their router."""
 
-    def __init__(self, config, ffn_dim: int, expert_ids: list[int]):
+    def __init__(self, config, ffn_dim: int, expert_ids: list[int], routing: Optional[dict] = None):
         super().__init__()
         self.expert_ids = [int(e) for e in expert_ids]
-        self.router = PrunedRouter(config.d_model, len(self.expert_ids))
+        extra_rows = [int(e) for e in (routing or {}).get("rows", [])]
+        extra_to = [None if t is None else int(t) for t in (routing or {}).get("to", [])]
+        self.router_ids = self.expert_ids + extra_rows  # original id of every router row
+        # slot of every router row: kept expert i -> i; an extra row -> its kept expert, or len(kept) + j
+        # for the j-th constant output. A plain list: built into a tensor on the input's device.
+        local = {e: i for i, e in enumerate(self.expert_ids)}
+        self.row_slot = list(range(len(self.expert_ids)))
+        constants = 0
+        for target in extra_to:
+            if target is None:
+                self.row_slot.append(len(self.expert_ids) + constants)
+                constants += 1
+            else:
+                self.row_slot.append(local[target])
+        self.router = PrunedRouter(config.d_model, len(self.router_ids))
         self.experts = nn.ModuleDict({f"expert_{e}": NllbMoeDenseActDense(config, ffn_dim) for e in self.expert_ids})
+        self.constant_outputs = nn.Parameter(torch.zeros(constants, config.d_model)) if constants else None
         self.eom = float(config.moe_token_dropout)
         self.capacity_fraction = float(config.moe_eval_capacity_token_fraction)
-        self.active: Optional[torch.Tensor] = None  # [E] bool: the current direction's experts, or None for all
+        self.active: Optional[torch.Tensor] = None  # [rows] bool: the current direction's rows, or None for all
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         batch, seq, width = hidden_states.shape
@@ -78,7 +101,7 @@ class PrunedSparseMLP(nn.Module):
         count = x.shape[0]
         real = _real_tokens(padding_mask, batch, seq, x.device)
         logits = x.float() @ self.router.classifier.weight.float().t()  # [tokens, E]
-        usable = len(self.expert_ids)
+        usable = len(self.router_ids)
         if self.active is not None:
             active = self.active.to(x.device)
             logits = logits.masked_fill(~active, float("-inf"))
@@ -94,7 +117,7 @@ class PrunedSparseMLP(nn.Module):
         capacity = math.ceil(self.capacity_fraction * count)
         accepted_first = torch.zeros(count, dtype=torch.bool, device=x.device)
         accepted_second = torch.zeros(count, dtype=torch.bool, device=x.device)
-        for local in range(len(self.expert_ids)):
+        for local in range(len(self.router_ids)):  # capacity is per router row
             queue_first = torch.nonzero(real & (first == local)).flatten()  # token order
             queue_second = torch.nonzero(wants_second & (second == local)).flatten()
             taken = min(queue_first.numel(), capacity)
@@ -106,16 +129,27 @@ class PrunedSparseMLP(nn.Module):
         total = (gate_first + gate_second).clamp(min=torch.finfo(torch.float32).eps)
         gate_first, gate_second = gate_first / total, gate_second / total
 
+        slot = torch.tensor(self.row_slot, dtype=torch.long, device=x.device)
+        slot_first, slot_second = slot[first], slot[second]  # [tokens]: which kept expert (or constant) serves each
+        kept = len(self.expert_ids)
         out = torch.zeros_like(x)
         for local, expert_id in enumerate(self.expert_ids):
-            from_first = torch.nonzero(accepted_first & (first == local)).flatten()
-            from_second = torch.nonzero(accepted_second & (second == local)).flatten()
+            from_first = torch.nonzero(accepted_first & (slot_first == local)).flatten()
+            from_second = torch.nonzero(accepted_second & (slot_second == local)).flatten()
             tokens = torch.cat([from_first, from_second])
             if tokens.numel() == 0:
                 continue
             weights = torch.cat([gate_first[from_first], gate_second[from_second]])
             y = self.experts[f"expert_{expert_id}"](x[tokens])
             out.index_add_(0, tokens, y * weights[:, None].to(y.dtype))
+        if self.constant_outputs is not None:
+            const_first = gate_first * (accepted_first & (slot_first >= kept))  # [tokens]
+            const_second = gate_second * (accepted_second & (slot_second >= kept))
+            values = torch.stack(
+                [self.constant_outputs[(slot_first - kept).clamp(min=0)], self.constant_outputs[(slot_second - kept).clamp(min=0)]], dim=1
+            )  # [tokens, 2, width]
+            weights = torch.stack([const_first, const_second], dim=1)  # [tokens, 2]
+            out = out + (values * weights[..., None].to(values.dtype)).sum(dim=1)
         if self.training and self.eom > 0:
             out = out * (torch.rand(count, 1, device=out.device) >= self.eom).to(out.dtype)
         elif self.eom > 0:
@@ -137,11 +171,13 @@ class NllbMoePrunedForConditionalGeneration(NllbMoeForConditionalGeneration):
         kept = getattr(config, "pruned_experts", None)
         if not kept:
             raise ValueError("config.json has no 'pruned_experts': this model class is for nllb-prune exports")
+        routing = (getattr(config, "pruned_routing", None) or {}).get("layers", {})  # substitute / merge exports
         for side, stack in (("encoder", self.model.encoder), ("decoder", self.model.decoder)):
             ffn_dim = config.encoder_ffn_dim if side == "encoder" else config.decoder_ffn_dim
             for number, layer in enumerate(stack.layers):
                 if getattr(layer, "is_sparse", False):
-                    layer.ffn = PrunedSparseMLP(config, ffn_dim, kept[f"{side}.{number}"])
+                    name = f"{side}.{number}"
+                    layer.ffn = PrunedSparseMLP(config, ffn_dim, kept[name], routing.get(name))
         self.post_init()
 
     def pruned_layers(self):
@@ -170,5 +206,7 @@ class NllbMoePrunedForConditionalGeneration(NllbMoeForConditionalGeneration):
             wanted[order[int(gid) // self.config.num_experts]].add(int(gid) % self.config.num_experts)
         for side, number, moe in layers:
             keep = wanted[(side, number)]
-            mask = torch.tensor([e in keep for e in moe.expert_ids], dtype=torch.bool, device=moe.router.classifier.weight.device)
+            # rows of pruned experts kept by a substitute/merge export stay active for every direction
+            rows = [e in keep for e in moe.expert_ids] + [True] * (len(moe.router_ids) - len(moe.expert_ids))
+            mask = torch.tensor(rows, dtype=torch.bool, device=moe.router.classifier.weight.device)
             moe.active = None if bool(mask.all()) else mask
