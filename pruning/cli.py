@@ -21,6 +21,8 @@ COMMANDS = {
     "select": "select",
     "prune": "prune",
     "plot": "plot",
+    "compare-metrics": "compare_metrics",
+    "stability": "stability",
     "export": "export",
     "translate": "translate",
     "evaluate": "evaluate",

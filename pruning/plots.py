@@ -187,3 +187,76 @@ def _save(fig: object, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)  # type: ignore[attr-defined]
     return Path(path)
+
+
+# ---- metric agreement and stability (nllb-prune compare-metrics, stability) ---------------------------
+_SIDE_TITLES = {"enc": "encoder", "dec": "decoder"}
+
+def plot_metric_agreement(
+    names: Sequence[str], matrices: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike[str], *, title: str
+) -> Path:
+    """Heatmaps of mean Spearman correlation and mean kept-set Jaccard between metrics, one row per side.
+
+    ``matrices``: ``{"enc"|"dec": (spearman [M, M], jaccard [M, M])}``, M = ``len(names)``.
+    """
+    from matplotlib.figure import Figure
+
+    if not matrices:
+        raise PlotError("metric agreement: no side to draw")
+    m = len(names)
+    size = max(3.5, 0.45 * m + 1.5)
+    fig = Figure(figsize=(2 * size + 1.5, size * len(matrices) + 0.6))
+    axes = np.atleast_2d(fig.subplots(len(matrices), 2, squeeze=False))
+    for row, (side, (rho, jac)) in enumerate(matrices.items()):
+        panels = ((rho, "Spearman correlation of scores", "coolwarm", -1.0), (jac, "Jaccard of kept sets", "viridis", 0.0))
+        for col, (values, label, cmap, low) in enumerate(panels):
+            ax = axes[row, col]
+            image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=low, vmax=1.0, interpolation="nearest")
+            ax.set_xticks(range(m), names, rotation=60, ha="right", fontsize=8)
+            ax.set_yticks(range(m), names, fontsize=8)
+            ax.set_title(f"{_SIDE_TITLES.get(side, side)}: {label}", fontsize=9)
+            if m <= 12:
+                for i in range(m):
+                    for j in range(m):
+                        if np.isfinite(values[i, j]):
+                            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6, color="black" if col == 0 or values[i, j] > 0.5 else "white")
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_stability(
+    curves: dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]],
+    path: str | os.PathLike[str],
+    *,
+    threshold: float,
+    title: str,
+    max_lines: int = 10,
+) -> Path:
+    """Kept-set Jaccard against calibration sentences: per side a panel, per entry a line (mean) and a band (5-95%).
+
+    ``curves``: ``{"enc"|"dec": [(label, sentences [m], mean [m], p5 [m], p95 [m]), ...]}``; at most
+    ``max_lines`` entries are drawn per panel (the title says how many there are).
+    """
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise PlotError("stability: no curve to draw")
+    fig = Figure(figsize=(6.0 * len(curves), 4.2))
+    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (side, lines) in zip(axes, curves.items()):
+        for label, x, mean, low, high in lines[:max_lines]:
+            (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label)
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("calibration sentences (chunks x chunk size)")
+        ax.set_ylabel("Jaccard with the kept set of all chunks")
+        shown = f" (first {max_lines} of {len(lines)})" if len(lines) > max_lines else ""
+        ax.set_title(f"{_SIDE_TITLES.get(side, side)}{shown}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -138,3 +138,165 @@ def test_chunk_options_are_checked(tiny_hf_dir, flores, tmp_path, chunked):
     chunked.save(out)
     with pytest.raises(StatsError, match=r"chunk_sentences: file 3, this run None"):
         collect(tiny_hf_dir, flores, out, pairs=[f"{ENG}-{FRA}"], resume=True)
+
+
+# ---- numbers by hand -----------------------------------------------------------------------------
+def test_average_ranks_and_spearman_with_ties_by_hand():
+    from pruning.analysis import average_ranks, spearman
+
+    a = torch.tensor([[10.0, 20.0, 20.0, 5.0, 30.0]])
+    b = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    assert average_ranks(a).tolist() == [[2.0, 3.5, 3.5, 1.0, 5.0]]
+    # ranks of a minus their mean 3: [-1, .5, .5, -2, 2]; of b: [-2, -1, 0, 1, 2]
+    # sum of products 3.5, sums of squares 9.5 and 10: rho = 3.5 / sqrt(95)
+    assert float(spearman(a, b)[0]) == pytest.approx(3.5 / 95**0.5, abs=1e-12)
+    assert float(spearman(b, -b)[0]) == pytest.approx(-1.0) and float(spearman(a, 2 * a + 1)[0]) == pytest.approx(1.0)
+    assert torch.isnan(spearman(torch.ones(1, 5), b)).all()  # a constant score has no order
+    assert average_ranks(torch.tensor([3.0, 3.0, 3.0])).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_jaccard_by_hand():
+    from pruning.analysis import jaccard
+
+    a = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    b = torch.tensor([[True, False, True, False], [False, False, False, False]])
+    assert jaccard(a, b).tolist() == [pytest.approx(1 / 3), 1.0]  # two empty sets: 1
+    assert float(jaccard(a, b, dims=2)) == pytest.approx(1 / 3)
+    assert float(jaccard(a, a, dims=2)) == 1.0
+
+
+# ---- compare-metrics -----------------------------------------------------------------------------
+SIM_DIRS = [f"{FRA}-{DEU}", f"{DEU}-{FRA}", f"{FRA}-{ENG}"]
+
+
+def test_identical_metrics_agree_fully_and_others_less():
+    from pruning.analysis import compare_metrics
+    from pruning.select import SelectOptions
+    from tests.selection_fixtures import simulated_stats
+
+    stats = simulated_stats(SIM_DIRS, tokens=40)
+    result = compare_metrics(stats, SelectOptions(ratio=0.75), ["topk", "frequency", "top2"], progress=False)
+    layers = {side: len(stats.topology.moe_layers(full)) for side, full in (("enc", "encoder"), ("dec", "decoder"))}
+    # 3 languages x 3 pairs x layers of the sides the language has (fra: both; deu: both; eng: decoder only)
+    assert len(result.rows) == 3 * (2 * (layers["enc"] + layers["dec"]) + layers["dec"])
+    same = [r for r in result.rows if {r["metric_a"], r["metric_b"]} == {"topk", "frequency"}]
+    assert same and all(r["spearman"] == pytest.approx(1.0) and r["jaccard"] == 1.0 for r in same)
+    other = [r for r in result.rows if {r["metric_a"], r["metric_b"]} == {"topk", "top2"}]
+    assert min(r["jaccard"] for r in other) < 1.0
+    rho, jac = result.matrices("enc")
+    assert rho.shape == (3, 3) and rho[0, 1] == pytest.approx(1.0) and np.allclose(np.diag(jac), 1.0)
+    # the Jaccard of one row, recomputed from the selection code's own index
+    from pruning.select import select_experts
+
+    row = next(r for r in other if r["unit"] == FRA and r["side"] == "dec")
+    kept = {m: set(select_experts(stats, SelectOptions(metric=m, ratio=0.75)).index.entries[FRA]) for m in ("topk", "top2")}
+    layer_ids = {m: {g for g in ids if stats.topology.expert_ref(g).side == "decoder" and stats.topology.expert_ref(g).layer == row["layer"]} for m, ids in kept.items()}
+    assert row["jaccard"] == pytest.approx(len(layer_ids["topk"] & layer_ids["top2"]) / len(layer_ids["topk"] | layer_ids["top2"]))
+
+
+# ---- stability -----------------------------------------------------------------------------------
+def chunked_simulated(directions: list[str], *, n_chunks: int, identical: bool, k: int = 10) -> RoutingStats:
+    """Simulated statistics whose directions hold ``n_chunks`` chunks (all the same chunk if ``identical``)."""
+    from tests.selection_fixtures import simulated_stats
+
+    parts = [simulated_stats(directions, tokens=30, seed=0 if identical else c) for c in range(n_chunks)]
+    stats = RoutingStats(parts[0].topology, {}, {})
+    for part in parts:
+        for d, side, name, value in part.items():
+            stats.add(d, side, name, value)
+    for d in directions:
+        counters = {side: {name: torch.stack([p.counters[d][side][name] for p in parts]) for name in parts[0].counters[d][side]} for side in ("enc", "dec")}
+        stats.add_chunks(d, Chunks(torch.arange(n_chunks), torch.full((n_chunks,), k), counters), chunk_sentences=k)
+    stats.validate()
+    return stats
+
+
+def test_identical_chunks_give_jaccard_one_for_every_m():
+    from pruning.analysis import stability
+    from pruning.select import SelectOptions
+
+    result = stability(chunked_simulated(SIM_DIRS, n_chunks=4, identical=True), SelectOptions(), samples=30, progress=False)
+    assert len(result.rows) == (2 + 2 + 1) * 4  # fra, deu: enc and dec; eng: dec only; m = 1..4
+    assert all(r["mean"] == 1.0 and r["p5"] == 1.0 and r["p95"] == 1.0 for r in result.rows)
+    assert [r["sentences"] for r in result.rows if r["unit"] == FRA and r["side"] == "enc"] == [10, 20, 30, 40]
+    assert all(e["chunks"] == 1 and e["sentences"] == 10 for e in result.enough)
+
+
+def test_two_chunks_by_hand():
+    """m = 1 draws one chunk: each sample's Jaccard is that of chunk 0's or chunk 1's kept set with the whole one."""
+    from pruning.analysis import stability
+    from pruning.select import SelectOptions, select_per_layer
+
+    from metrics import compute_metric
+
+    stats = chunked_simulated([f"{FRA}-{DEU}"], n_chunks=2, identical=False)
+    result = stability(stats, SelectOptions(granularity="pair"), samples=200, seed=3, progress=False)
+    chunks = stats.chunks[f"{FRA}-{DEU}"].counters["dec"]
+    per_layer = 12  # the default plan of the real topology: 0.8 pruned at 3:1 keeps 12 per decoder layer
+
+    def kept(counters):
+        return {(layer, int(e)) for layer, row in enumerate(select_per_layer(compute_metric("importance", counters), per_layer=per_layer)) for e in torch.nonzero(row).flatten()}
+
+    whole = kept({n: v.sum(0) for n, v in chunks.items()})
+    one = [kept({n: v[c] for n, v in chunks.items()}) for c in range(2)]
+    expected = sorted(len(s & whole) / len(s | whole) for s in one)
+    assert expected[0] < 1.0
+    m1 = next(r for r in result.rows if r["side"] == "dec" and r["chunks"] == 1)
+    assert expected[0] - 1e-12 <= m1["mean"] <= expected[1] + 1e-12
+    assert m1["p5"] == pytest.approx(expected[0]) and m1["p95"] == pytest.approx(expected[1])
+    m2 = next(r for r in result.rows if r["side"] == "dec" and r["chunks"] == 2)
+    assert m2["p95"] == 1.0  # the samples {0, 1} and {1, 0} are the whole
+
+
+def test_stability_needs_chunks(whole):
+    from pruning.analysis import AnalysisError, stability
+    from pruning.select import SelectOptions
+
+    with pytest.raises(AnalysisError, match=r"no chunk counters: collect them with `nllb-prune stats \.\.\. --chunk-sentences K`"):
+        stability(whole, SelectOptions(), progress=False)
+
+
+# ---- the commands end to end -----------------------------------------------------------------------
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stability_command_on_collected_chunks(chunked, tmp_path, capsys):
+    stats_path = chunked.save(tmp_path / "k3.safetensors")
+    out = tmp_path / "stab"
+    rc = main(["stability", "--stats", str(stats_path), "--out", str(out), "--samples", "25", "--granularity", "pair", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "sentences needed = the smallest m x K (K = 3 sentences per chunk)" in printed
+    assert f"{FRA}-{DEU} enc: mean Jaccard" in printed
+    rows = (out / "stability.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["unit", "side", "chunks", "sentences", "sentences_mean", "mean", "p5", "p95"]
+    assert len(rows) == 1 + 2 * 2 * 3  # 2 directions x 2 sides x m = 1..3
+    document = json.loads((out / "stability.json").read_text())
+    assert document["statistics"]["chunk_sentences"] == 3 and len(document["enough"]) == 4
+    assert all(0 <= r["p5"] <= r["mean"] <= r["p95"] <= 1 for r in document["rows"])
+    assert is_png(out / "stability.png")
+    rc = main(["stability", "--stats", str(tmp_path / "k3.safetensors"), "--out", str(out), "--metric", "output_variance", "--no-progress"])
+    assert rc == 2 and "--expert-outputs" in capsys.readouterr().err
+
+
+def test_compare_metrics_command(chunked, tmp_path, capsys):
+    stats_path = chunked.save(tmp_path / "k3.safetensors")
+    out = tmp_path / "cmp"
+    rc = main(["compare-metrics", "--stats", str(stats_path), "--out", str(out), "--ratio", "0.75", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "note: skipped ean, man, msan, output_variance, reap: the statistics have no expert-output counters" in printed
+    assert "frequency ~ topk" in printed
+    document = json.loads((out / "metric-agreement.json").read_text())
+    metrics = document["metrics"]
+    assert "importance" in metrics and "reap" not in metrics
+    pair = next(p for p in document["mean_over_layers"]["dec"] if {p["metric_a"], p["metric_b"]} == {"frequency", "topk"})
+    assert pair["spearman"] == pytest.approx(1.0) and pair["jaccard"] == 1.0
+    rows = (out / "metric-agreement.tsv").read_text().splitlines()
+    n_pairs = len(metrics) * (len(metrics) - 1) // 2
+    # languages: fra (enc), deu (enc and dec), eng (dec); 6 MoE layers per side in the real topology
+    assert len(rows) == 1 + n_pairs * 4 * 6
+    assert is_png(out / "metric-agreement.png")
+    rc = main(["compare-metrics", "--stats", str(stats_path), "--out", str(out), "--metrics", "top1,reap", "--no-progress"])
+    assert rc == 2 and "--expert-outputs" in capsys.readouterr().err

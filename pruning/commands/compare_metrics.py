@@ -1,0 +1,136 @@
+"""`nllb-prune compare-metrics --stats S`: how much the expert-importance criteria agree, per side and layer."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.select import SelectOptions
+
+NAME = "compare-metrics"
+HELP = (
+    "Rank correlation (Spearman) of expert scores and Jaccard of kept sets between every pair of metrics, "
+    "per side and MoE layer: a table, a TSV/JSON file and a heatmap."
+)
+SELECTION_KEYS = ("strategy", "ratio", "keep", "enc_dec", "enc_keep", "min_per_layer", "granularity", "langs", "pairs", "aggregate")
+"""The flags shared with ``nllb-prune select`` (same meaning, same defaults)."""
+
+
+def select_field(name: str) -> Any:
+    """A dataclass field with the default and help of :class:`SelectOptions`' field ``name``."""
+    source = {f.name: f for f in dataclasses.fields(SelectOptions)}[name]
+    if source.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field(default_factory=source.default_factory, metadata=source.metadata)  # type: ignore[misc]
+    return field(default=source.default, metadata=source.metadata)
+
+
+@dataclass
+class CompareMetricsConfig:
+    """Flags of ``nllb-prune compare-metrics`` (keys of ``conf/compare_metrics.yaml``)."""
+
+    stats: str = field(default="", metadata={"help": "statistics: our .safetensors file or the paper's stats-*.json"})
+    out: str = field(default="", metadata={"help": "directory for metric-agreement.tsv, .json and .png"})
+    metrics: list[str] = field(default_factory=list, metadata={"help": "metrics to compare, comma-separated (default: every registered metric the file can score)"})
+    directions: list[str] = field(default_factory=list, metadata={"help": "use only these directions src-tgt of the statistics, comma-separated (default: all)"})
+    strategy: str = select_field("strategy")
+    ratio: float | None = select_field("ratio")
+    keep: int | None = select_field("keep")
+    enc_dec: str = select_field("enc_dec")
+    enc_keep: int | None = select_field("enc_keep")
+    min_per_layer: int = select_field("min_per_layer")
+    granularity: str = select_field("granularity")
+    langs: list[str] = select_field("langs")
+    pairs: list[str] = select_field("pairs")
+    aggregate: str = select_field("aggregate")
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def selection(self, metric: str = "importance") -> SelectOptions:
+        """The ``select`` options these flags mean, for ``metric``."""
+        return SelectOptions(metric=metric, **{key: getattr(self, key) for key in SELECTION_KEYS})
+
+    def validate(self) -> None:
+        missing = [flag for flag, value in (("--stats", self.stats), ("--out", self.out)) if not value]
+        if missing:
+            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
+        if self.metrics and len(set(self.metrics)) < 2:
+            raise ConfigError(f"--metrics needs at least two metrics to compare, got {self.metrics}")
+        for metric in self.metrics or ["importance"]:
+            self.selection(metric).validate()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_flags(parser, CompareMetricsConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = resolve(CompareMetricsConfig, args)
+    result, written = compare(config)
+    for line in summary_lines(result):
+        print(line)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def compare(config: CompareMetricsConfig) -> tuple[Any, list[Path]]:
+    """Compute the agreement and write the TSV, JSON and PNG into ``config.out``."""
+    from pruning.analysis import compare_metrics, computable_metrics, restrict_directions
+    from pruning.atomic import write_text
+    from pruning.plots import plot_metric_agreement
+    from pruning.stats.paper_json import load_statistics
+
+    stats = restrict_directions(load_statistics(config.stats), config.directions)
+    metrics, notes = computable_metrics(stats, config.metrics)
+    result = compare_metrics(stats, config.selection(metrics[0]), metrics, progress=config.progress)
+    result.notes.extend(notes + list(result.plan.notes))
+    out = Path(config.out)
+    columns = ["unit", "side", "layer", "metric_a", "metric_b", "spearman", "jaccard"]
+    lines = ["\t".join(columns)] + ["\t".join(_cell(row[c]) for c in columns) for row in result.rows]
+    written = [write_text(out / "metric-agreement.tsv", "\n".join(lines) + "\n")]
+    document = {
+        "command": "nllb-prune compare-metrics",
+        "settings": dataclasses.asdict(config),
+        "statistics": {"path": str(Path(config.stats).resolve()), "directions": len(stats.directions)},
+        "kept": {"total": result.plan.total, "encoder": result.plan.encoder, "decoder": result.plan.decoder, "per_layer": result.plan.per_layer},
+        "metrics": metrics,
+        "notes": result.notes,
+        "mean_over_layers": {side: _summary(result, side) for side in result.sides},
+        "rows": result.rows,
+    }
+    written.append(write_text(out / "metric-agreement.json", json.dumps(document, indent=1, allow_nan=True) + "\n"))
+    kept = f"{result.plan.total} experts kept per direction" + (f" ({result.plan.per_layer[0]}/{result.plan.per_layer[1]} per enc/dec layer)" if result.plan.per_layer else "")
+    title = f"{Path(config.stats).name}: mean over {config.granularity} entries and MoE layers; {kept}"
+    written.append(plot_metric_agreement(metrics, {side: result.matrices(side) for side in result.sides}, out / "metric-agreement.png", title=title))
+    return result, written
+
+
+def _summary(result: Any, side: str) -> list[dict[str, Any]]:
+    rho, jac = result.matrices(side)
+    index = {name: i for i, name in enumerate(result.metrics)}
+    return [
+        {"metric_a": a, "metric_b": b, "spearman": float(rho[index[a], index[b]]), "jaccard": float(jac[index[a], index[b]])}
+        for i, a in enumerate(result.metrics) for b in result.metrics[i + 1 :]
+    ]
+
+
+def summary_lines(result: Any) -> list[str]:
+    """The printed table: per pair of metrics, mean Spearman and Jaccard over entries and layers, per side."""
+    lines = [f"note: {note}" for note in result.notes]
+    sides = result.sides
+    width = max(len(f"{a} ~ {b}") for a in result.metrics for b in result.metrics)
+    header = f"{'metrics':<{width}}" + "".join(f"  {s + ' rho':>8}  {s + ' J':>6}" for s in sides)
+    lines += [f"mean over entries and MoE layers (rho: Spearman of scores, J: Jaccard of kept sets)", header]
+    summaries = {side: _summary(result, side) for side in sides}
+    for k, pair in enumerate(summaries[sides[0]] if sides else []):
+        cells = "".join(f"  {summaries[s][k]['spearman']:>8.3f}  {summaries[s][k]['jaccard']:>6.3f}" for s in sides)
+        lines.append(f"{pair['metric_a'] + ' ~ ' + pair['metric_b']:<{width}}{cells}")
+    return lines
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
