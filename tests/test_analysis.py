@@ -300,3 +300,14 @@ def test_compare_metrics_command(chunked, tmp_path, capsys):
     assert is_png(out / "metric-agreement.png")
     rc = main(["compare-metrics", "--stats", str(stats_path), "--out", str(out), "--metrics", "top1,reap", "--no-progress"])
     assert rc == 2 and "--expert-outputs" in capsys.readouterr().err
+
+
+def test_configs_of_both_commands_resolve(chunked, tmp_path, capsys):
+    root = Path(__file__).resolve().parents[1]
+    stats_path = chunked.save(tmp_path / "k3.safetensors")
+    rc = main(["stability", "--config", str(root / "conf" / "stability.yaml"), f"stats={stats_path}", f"out={tmp_path / 's'}", "samples=5", "langs=[deu_Latn]", "progress=false"])
+    assert rc == 0, capsys.readouterr().err
+    assert len((tmp_path / "s" / "stability.tsv").read_text().splitlines()) == 1 + 2 * 3  # deu: enc and dec, m = 1..3
+    rc = main(["compare-metrics", "--config", str(root / "conf" / "compare_metrics.yaml"), f"stats={stats_path}", f"out={tmp_path / 'c'}", "metrics=[top1,importance]", "granularity=global", "progress=false"])
+    assert rc == 0, capsys.readouterr().err
+    assert len((tmp_path / "c" / "metric-agreement.tsv").read_text().splitlines()) == 1 + 2 * 6

@@ -4,7 +4,8 @@ One torchrun launch runs two collections through the real ``nllb-prune stats`` p
 - teacher forcing, ``--expert-parallel 4``, per-expert loop dispatch, ``--expert-outputs``: one model
   spread over 4 processes, the expert outputs observed where they come back from their owners;
 - beam search, ``--expert-parallel 2`` x 2 data-parallel groups, 3 directions (the last round leaves a
-  group idle, which must keep stepping with the others), the default dispatch (grouped GEMM on CPU);
+  group idle, which must keep stepping with the others), the default dispatch (grouped GEMM on CPU),
+  ``--chunk-sentences 2`` (5 sentences: chunks of 2, 2 and 1, each summed over the ranks that ran its batches);
 then one padded batch per rank through the expert-parallel model, compared with the full model.
 """
 
@@ -36,7 +37,7 @@ def teacher_flags(model: Path, data: Path, out: Path) -> list[str]:
 def beam_flags(model: Path, data: Path, out: Path) -> list[str]:
     return [
         "--model", str(model), "--data", str(data), "--pairs", f"{FRA}-{DEU},{ENG}-{FRA},{DEU}-{ENG}", "--mode", "beam",
-        "--beam", "2", "--max-new-tokens", "5", "--batch-tokens", "30", "--max-sentences", "5", "--out", str(out), "--no-progress",
+        "--beam", "2", "--max-new-tokens", "5", "--batch-tokens", "30", "--max-sentences", "5", "--chunk-sentences", "2", "--out", str(out), "--no-progress",
     ]
 
 
@@ -84,13 +85,18 @@ def test_expert_and_data_parallel_beam_statistics_equal_single_process(launched,
     pairs = [f"{FRA}-{DEU}", f"{ENG}-{FRA}", f"{DEU}-{ENG}"]
     collect_statistics(StatsOptions(
         model=str(tiny_hf_dir), data=str(data), pairs=pairs, mode="beam", beam=2, max_new_tokens=5, batch_tokens=30,
-        max_sentences=5, out=str(single), progress=False,
+        max_sentences=5, chunk_sentences=2, out=str(single), progress=False,
     ))
     parallel, reference = RoutingStats.load(tmp / "beam-ep2dp2.safetensors"), RoutingStats.load(single)
     assert parallel.directions == sorted(pairs)
     for direction in pairs:
         for side in ("enc", "dec"):
             assert_counters_close(parallel.side(direction, side), reference.side(direction, side), what=f"{direction}/{side}", rtol=1e-12, atol=1e-12, rank_atol=0)
+            for chunk in range(3):
+                got = {name: value[chunk] for name, value in parallel.chunks[direction].counters[side].items()}
+                expected = {name: value[chunk] for name, value in reference.chunks[direction].counters[side].items()}
+                assert_counters_close(got, expected, what=f"{direction}/{side}/chunk {chunk}", rtol=1e-12, atol=1e-12, rank_atol=0)
+        assert parallel.chunks[direction].ids.tolist() == [0, 1, 2] and parallel.chunks[direction].sentences.tolist() == [2, 2, 1]
     assert parallel.info["processes"] == {"expert_parallel": 2, "data_parallel": 2}
     assert parallel.info["sentences"] == {d: 5 for d in pairs}
 
