@@ -7,6 +7,7 @@ Public API: :func:`register_metric`, :func:`compute_metric`, :func:`aggregate_me
 
 from metrics import builtin as _builtin  # noqa: F401  (registers the built-in metrics)
 from metrics import outputs as _outputs  # noqa: F401  (registers the expert-output metrics)
+from metrics import router as _router  # noqa: F401  (registers the data-free router-weight metric)
 from metrics.aggregate import AGGREGATIONS, Aggregation, aggregate_metric, sum_counters
 from metrics.registry import Counters, Metric, MetricError, compute_metric, get_metric, metric_names, register_metric
 

@@ -37,6 +37,9 @@ Granularity (what one entry of the index is selected from):
 
 Scores of several directions are aggregated by ``--aggregate tokens`` (sum counters, then score; the
 default) or ``mean`` (unweighted mean of per-direction scores), see :mod:`metrics.aggregate`.
+A data-free metric (``router_distinct``, :mod:`metrics.router`) scores the router rows of
+``--router-model CKPT`` instead: the same scores for every entry, the statistics only name the entries;
+without statistics it gives one list (``--granularity global``).
 Ties are broken by expert id (lower first), so a selection is deterministic.
 """
 
@@ -50,7 +53,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from metrics import AGGREGATIONS, aggregate_metric, get_metric, metric_names
+from metrics import AGGREGATIONS, aggregate_metric, compute_metric, get_metric, metric_names
+from metrics.router import data_free_hint, needs_router_rows
 from pruning.errors import UserError
 from pruning.index import DEFAULT_MIN_PER_LAYER, ExpertIndex, IndexKind, layer_counts
 from pruning.stats.counters import RoutingStats, split_direction
@@ -89,9 +93,12 @@ class SelectOptions:
     langs: list[str] = field(default_factory=list, metadata={"help": "languages for --granularity lang, comma-separated (default: all in the statistics)"})
     pairs: list[str] = field(default_factory=list, metadata={"help": "directions src-tgt for --granularity pair, comma-separated (default: all)"})
     aggregate: str = field(default="tokens", metadata={"help": "combine directions by tokens (sum counters, then score) or mean (of per-direction scores)", "choices": AGGREGATIONS})
+    router_model: str = field(default="", metadata={"help": "checkpoint whose router rows a data-free metric (router_distinct) scores; unpruned, either layout"})
 
     def validate(self) -> None:
         get_metric(self.metric)
+        if needs_router_rows(self.metric) and not self.router_model:
+            raise SelectionError(data_free_hint(self.metric))
         _choice("--strategy", self.strategy, STRATEGIES)
         _choice("--granularity", self.granularity, GRANULARITIES)
         _choice("--aggregate", self.aggregate, AGGREGATIONS)
@@ -443,20 +450,25 @@ class Selection:
         return lines
 
 
-def select_experts(stats: RoutingStats, options: SelectOptions, *, expect_topology: Topology | None = None) -> Selection:
-    """Select the experts to keep from ``stats`` as ``options`` say; see the module docstring."""
+def select_experts(stats: RoutingStats | None, options: SelectOptions, *, expect_topology: Topology | None = None) -> Selection:
+    """Select the experts to keep from ``stats`` as ``options`` say; see the module docstring.
+
+    ``stats`` may be None only for a data-free metric with ``--granularity global``.
+    """
     options.validate()
+    fixed = _router_scores(stats, options)  # {"enc": [L_enc, E], "dec": [L_dec, E]} or None
+    topology = stats.topology if stats is not None else fixed.topology  # type: ignore[union-attr]
     if expect_topology is not None:
-        expect_topology.check_same_routing(stats.topology, what="the statistics")
-    stats.validate()
-    topology = stats.topology
+        expect_topology.check_same_routing(topology, what="the statistics")
+    if stats is not None:
+        stats.validate()
     plan = plan_keep(topology, options)
-    units = plan_units(stats, options)
+    units = plan_units(stats, options) if stats is not None else [Unit("*", {"enc": ["router"], "dec": ["router"]})]
     kind: IndexKind = {"global": "all", "pair": "pair", "lang": "lang"}[options.granularity]  # type: ignore[assignment]
     entries: dict[str, list[int]] = {}
     for unit in tqdm(units, desc="select", unit=kind, disable=len(units) < 50 or None):
         scores = {
-            side: aggregate_metric(options.metric, [(f"{d}/{side}", stats.counters[d][side]) for d in dirs], how=options.aggregate)  # type: ignore[arg-type]
+            side: fixed.scores[side] if fixed is not None else aggregate_metric(options.metric, [(f"{d}/{side}", stats.counters[d][side]) for d in dirs], how=options.aggregate)  # type: ignore[arg-type, union-attr]
             for side, dirs in unit.sources.items()
             if dirs
         }
@@ -499,6 +511,33 @@ def _global_ids(masks: dict[str, torch.Tensor], topology: Topology) -> list[int]
         for row, layer in enumerate(topology.moe_layers(side)):
             ids.extend(topology.global_id(side, layer, int(e)) for e in torch.nonzero(mask[row]).flatten())
     return sorted(ids)
+
+
+@dataclass(frozen=True)
+class _RouterScores:
+    topology: Topology
+    scores: dict[str, torch.Tensor]
+    """``{"enc": [L_enc, E], "dec": [L_dec, E]}``"""
+
+
+def _router_scores(stats: RoutingStats | None, options: SelectOptions) -> _RouterScores | None:
+    """A data-free metric's scores from ``--router-model`` (None for a statistics metric); checks what goes with them."""
+    if not needs_router_rows(options.metric):
+        if stats is None:
+            raise SelectionError(f"metric {options.metric!r} is computed from routing statistics: give --stats")
+        return None
+    if stats is None and options.granularity != "global":
+        raise SelectionError(
+            f"without statistics there are no languages or directions to select for: the data-free metric {options.metric} "
+            f"gives one list; use --granularity global (or give --stats to name the entries)"
+        )
+    from metrics.router import read_router_rows, router_counters
+
+    router = read_router_rows(options.router_model)
+    if stats is not None:
+        stats.topology.check_same_routing(router.topology, what=f"--router-model {options.router_model}")
+    where = f"router rows of {router.path}"
+    return _RouterScores(router.topology, {side: compute_metric(options.metric, c, where=f"{where} ({side})") for side, c in router_counters(router).items()})
 
 
 def _choice(flag: str, value: str, choices: Iterable[str]) -> None:

@@ -16,11 +16,14 @@ HELP = "Choose the experts to keep from routing statistics (ours or the paper's 
 class SelectConfig(SelectOptions):
     """Flags of ``nllb-prune select`` (keys of ``conf/select.yaml``): the selection options plus files."""
 
-    stats: str = field(default="", metadata={"help": "statistics: our .safetensors file or the paper's stats-*.json"})
+    stats: str = field(default="", metadata={"help": "statistics: our .safetensors file or the paper's stats-*.json (optional for a data-free metric with --granularity global)"})
     out: str = field(default="", metadata={"help": "expert index to write (JSON, the paper's experts.json format)"})
 
     def validate(self) -> None:
-        missing = [flag for flag, value in (("--stats", self.stats), ("--out", self.out)) if not value]
+        from metrics.router import needs_router_rows
+
+        data_free = needs_router_rows(self.metric) and self.router_model
+        missing = [flag for flag, value in (("--stats", self.stats or data_free), ("--out", self.out)) if not value]
         if missing:
             raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
         super().validate()
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from pruning.stats.paper_json import load_statistics
 
     config = resolve(SelectConfig, args)
-    stats = load_statistics(config.stats)
+    stats = load_statistics(config.stats) if config.stats else None  # None: a data-free metric (validated)
     selection = select_experts(stats, config)
     validate_index(selection.index, selection.topology, min_per_layer=config.min_per_layer, what="selected index")
     path = write_index(selection.index, config.out)
