@@ -4,8 +4,9 @@
     -> export (all testbed languages, one checkpoint) -> translate -> evaluate full vs pruned -> plots
 
 Writes everything under --out and ``experiments/results/demo.json`` (per-direction chrF++ of the full
-and the pruned model). The default model is the trained testbed in ``experiments/testbed/model``;
-``--tiny`` runs the same steps on the tiny random real-topology fixture instead (noise translations).
+and the pruned model, and their off-target rates from the testbed's language identifier
+``experiments/testbed/lid.json``, made by ``make testbed-lid``). The default model is the trained
+testbed in ``experiments/testbed/model``; ``--tiny`` runs the same steps on the tiny random real-topology fixture instead (noise translations).
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     step(5, total, f"evaluate full vs pruned: {len(evaluated)} directions x {args.sentences} devtest sentences, chrF++")
     common = ["--data", str(flores), "--split", "devtest", "--pairs", pairs, "--max-sentences", str(args.sentences),
               "--beam", "2", "--max-length", max_length, "--device", "cpu", "--dtype", "fp32", "--spm", "none"]
+    lid = TESTBED / "lid.json"
+    if not args.tiny and model == TESTBED / "model" and lid.is_file():
+        common += ["--lid", str(lid)]  # off-target rate (the tiny fixture's languages are not the identifier's)
     run_cli("evaluate", "--model", str(model), "--out", str(out / "full.tsv"), *common)
     run_cli("evaluate", "--model", str(pruned), "--out", str(out / "pruned.tsv"), *common, "--compare", str(out / "full.tsv"))
 
@@ -122,10 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     full, pruned_scores = read_scores(out / "full.tsv"), read_scores(out / "pruned.tsv")
     rows = {d: {"full": full[d]["chrF++"], "pruned": pruned_scores[d]["chrF++"]} for d in sorted(full)}
     mean = {k: round(sum(r[k] for r in rows.values()) / len(rows), 2) for k in ("full", "pruned")}
+    off_target = {}
+    if "--lid" in common:
+        off_target = {k: round(sum(s[d]["off_target"] for d in rows) / len(rows), 2) for k, s in (("full", full), ("pruned", pruned_scores))}
     result = {
         "model": str(model), "experts": str(experts), "selection": f"importance, per-layer, 3:1, per language, ratio {ratio}",
         "directions": len(rows), "sentences": args.sentences, "beam": 2, "metric": "chrF++ (sacrebleu, word_order=2)",
         "mean_chrf++": mean, "chrf++": rows, "seconds": round(time.time() - started, 1),
+        **({"mean_off_target_%": off_target, "lid": str(TESTBED / "lid.json")} if off_target else {}),
         "command": "make demo (" + " ".join(["python -m experiments.demo", *sys.argv[1:]]) + ")",
         "device": "cpu", "versions": versions(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
@@ -137,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     for d, r in rows.items():
         print(f"{d:<22}{r['full']:>8.2f}{r['pruned']:>8.2f}{r['pruned'] - r['full']:>+8.2f}")
     print(f"{'mean':<22}{mean['full']:>8.2f}{mean['pruned']:>8.2f}{mean['pruned'] - mean['full']:>+8.2f}")
+    if off_target:
+        print(f"{'off-target %':<22}{off_target['full']:>8.2f}{off_target['pruned']:>8.2f}{off_target['pruned'] - off_target['full']:>+8.2f}")
     print(f"\ndemo finished in {result['seconds']} s; outputs in {out}")
     return 0
 
