@@ -311,3 +311,17 @@ def test_configs_of_both_commands_resolve(chunked, tmp_path, capsys):
     rc = main(["compare-metrics", "--config", str(root / "conf" / "compare_metrics.yaml"), f"stats={stats_path}", f"out={tmp_path / 'c'}", "metrics=[top1,importance]", "granularity=global", "progress=false"])
     assert rc == 0, capsys.readouterr().err
     assert len((tmp_path / "c" / "metric-agreement.tsv").read_text().splitlines()) == 1 + 2 * 6
+
+
+def test_resume_adds_chunked_directions(tiny_hf_dir, flores, tmp_path):
+    out = tmp_path / "r.safetensors"
+    collect(tiny_hf_dir, flores, out, pairs=PAIRS[:1], chunk_sentences=4)
+    resumed = collect(tiny_hf_dir, flores, out, pairs=PAIRS, chunk_sentences=4, resume=True)
+    assert sorted(resumed.chunks) == sorted(PAIRS) and resumed.chunk_sentences == 4
+    assert all(c.ids.tolist() == [0, 1] and c.sentences.tolist() == [4, 3] for c in resumed.chunks.values())
+    assert StatsOptions(chunk_sentences=0).chunk_size is None  # 0: off
+
+
+def test_compare_metrics_refuses_budget_strategy(tmp_path, capsys):
+    rc = main(["compare-metrics", "--stats", "s.safetensors", "--out", str(tmp_path), "--strategy", "budget"])
+    assert rc == 2 and "use --strategy per-layer or global" in capsys.readouterr().err

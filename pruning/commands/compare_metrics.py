@@ -57,6 +57,8 @@ class CompareMetricsConfig:
         missing = [flag for flag, value in (("--stats", self.stats), ("--out", self.out)) if not value]
         if missing:
             raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
+        if self.strategy == "budget":
+            raise ConfigError("compare-metrics compares kept sets at --ratio or --keep: use --strategy per-layer or global (budget is not offered)")
         if self.metrics and len(set(self.metrics)) < 2:
             raise ConfigError(f"--metrics needs at least two metrics to compare, got {self.metrics}")
         for metric in self.metrics or ["importance"]:

@@ -113,7 +113,7 @@ def summary_lines(result: Any) -> list[str]:
             f"{last['mean']:.3f} [{last['p5']:.3f}, {last['p95']:.3f}] at {last['sentences']}"
         )
         enough = (
-            f">= {result.threshold} from {item['sentences']} sentences ({item['chunks']} chunks)" if item["sentences"] is not None
+            f">= {result.threshold} from {item['sentences']} sentences ({item['chunks']} chunk{'s' if item['chunks'] != 1 else ''})" if item["sentences"] is not None
             else f"never >= {result.threshold} with up to {item['of_chunks']} chunks"
         )
         lines.append(f"{item['unit']} {item['side']}: {span}; {enough}")
