@@ -502,3 +502,24 @@ def test_merge_export_streams(tmp_path, monkeypatch):
     assert peak["bytes"] <= largest_file + 2 * largest_tensor
     assert reader.total_bytes() > 5 * peak["bytes"]
     assert len(load_model(out).extra_rows()) == topology.num_moe_layers
+
+
+def test_prune_passes_the_policy_to_its_export(tmp_path, tiny_hf_dir, stats_path, tiny_batch):
+    """`prune --policy merge` = select, then the export `export --policy merge` of that selection makes."""
+    stats = RoutingStats.load(stats_path)
+    for direction, side, name, value in list(stats.items()):
+        if name == "top1":  # the synthetic counters have no token counts, which selection needs
+            stats.add(direction, side, "tokens", value.sum(-1))
+    stats_path = stats.save(tmp_path / "stats.safetensors")
+    out = tmp_path / "pruned"
+    flags = ["--model", str(tiny_hf_dir), "--stats", str(stats_path), "--src", FRA, "--tgt", DEU, "--ratio", "0.5",
+             "--min-per-layer", "1", "--dtype", "fp32", "--out", str(out)]
+    assert main(["prune", *flags, "--policy", "merge"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["policy"]["name"] == "merge"
+    again = export_checkpoint(tiny_hf_dir, experts=out / "experts.json", out=tmp_path / "export", directions=[(FRA, DEU)],
+                              dtype=torch.float32, progress=False, policy="merge", stats=stats_path)
+    torch.testing.assert_close(logits(load_model(out), tiny_batch), logits(load_model(again), tiny_batch), rtol=0, atol=0)
+    with pytest.raises(SystemExit) as refused:  # argparse refuses a policy outside its choices
+        main(["prune", *flags[:-1], str(tmp_path / "bad"), "--policy", "fold"])
+    assert refused.value.code == 2 and not (tmp_path / "bad").exists()

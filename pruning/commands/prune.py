@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pruning.commands.export import DTYPE_CHOICES
+from pruning.commands.export import DTYPE_CHOICES, ExportConfig
 from pruning.commands.select import SelectConfig
 from pruning.config import ConfigError, add_dataclass_flags, resolve
 from pruning.select import SelectOptions
@@ -35,6 +35,7 @@ class PruneConfig(SelectConfig):
     tgt: Optional[str] = field(default=None, metadata={"help": "target language of the one direction to export (with --src)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing export directory"})
     shard_gb: float = field(default=4.0, metadata={"help": "maximum shard size in GiB (bounds the export's memory use)"})
+    policy: str = field(default="drop", metadata=ExportConfig.__dataclass_fields__["policy"].metadata)
 
     def directions(self) -> list[tuple[str, str]]:
         from pruning.export import parse_directions
@@ -65,6 +66,9 @@ class PruneConfig(SelectConfig):
                 "say which directions to export with --src/--tgt, --langs or --pairs"
             )
         self.selection_options().validate()
+        from pruning.policy import check_policy
+
+        check_policy(self.policy, self.stats or None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,5 +115,7 @@ def prune(config: PruneConfig, *, progress: bool = True) -> list[str]:
         max_shard_bytes=int(config.shard_gb * 2**30),
         selection=record,
         progress=progress,
+        policy=config.policy,
+        stats=config.stats if config.policy != "drop" else None,
     )
     return [*selection.summary(), f"source {config.model}", *summarize(out, read_manifest(out) or {})]
