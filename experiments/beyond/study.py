@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.paper import study as paper_study
+from metrics.router import needs_router_rows
 from pruning.index import ExpertIndex, direction_ids
 from pruning.select import SelectOptions, select_experts
 from pruning.stats.counters import RoutingStats
@@ -46,18 +47,11 @@ def select_index(stats: RoutingStats, cfg: DictConfig, *, criterion: str, keep: 
     """Per-language experts by ``criterion`` (``random``: the importance counts, random experts)."""
     metric = "importance" if criterion == "random" else criterion
     options = SelectOptions(metric=metric, keep=keep, enc_keep=enc_keep, min_per_layer=1, granularity="lang", aggregate=cfg.aggregate)
+    if needs_router_rows(metric):  # data-free: the model's router rows, no statistics
+        options.router_model = hydra.utils.to_absolute_path(cfg.model)
     options.validate()
-    extra = {"router_model": cfg.model} if _needs_router(metric) else {}
-    index = select_experts(stats, options, expect_topology=topology, **extra).index
+    index = select_experts(stats, options, expect_topology=topology).index
     return random_index(index, topology, seed=cfg.seed) if criterion == "random" else index
-
-
-def _needs_router(metric: str) -> bool:
-    try:
-        from metrics.router import needs_router_rows
-    except ImportError:
-        return False
-    return needs_router_rows(metric)
 
 
 def run_config(
@@ -105,27 +99,34 @@ def run_config(
 
 
 class direction_model:
-    """Context manager: the model that serves one direction under ``policy`` (the full model when ``kept`` is None)."""
+    """Context manager: the model that serves one direction under ``policy`` (the full model when ``kept`` is None).
+
+    ``drop`` masks the full model's routers (``router.active``); ``substitute`` / ``merge`` build a new
+    model with :func:`pruning.policy.apply_policy` from the plan an export of this one direction would use.
+    """
 
     def __init__(self, model: Any, stats: RoutingStats, kept: list[int] | None, *, policy: str, src: str, tgt: str):
         self.model, self.stats, self.kept, self.policy, self.src, self.tgt = model, stats, kept, policy, src, tgt
-        self._restore: Callable[[], None] = lambda: None
 
     def __enter__(self) -> Any:
+        topology = self.model.topology
         if self.kept is None:
             self.model.manifest = None
             return self.model
         if self.policy == "drop":
-            self.model.manifest = {"topology": self.model.topology.to_dict(), "directions": {f"{self.src}-{self.tgt}": self.kept}}
+            self.model.manifest = {"topology": topology.to_dict(), "directions": {f"{self.src}-{self.tgt}": self.kept}}
             return self.model
-        from experiments.beyond.policies import apply_policy
+        from pruning.index import ExpertIndex, experts_for_direction
+        from pruning.policy import apply_policy, plan_policy
 
-        self.model.manifest = None
-        self._restore = apply_policy(self.model, self.stats, self.kept, policy=self.policy, src=self.src, tgt=self.tgt)
-        return self.model
+        union = experts_for_direction(ExpertIndex(kind="all", entries={"*": tuple(self.kept)}), self.src, self.tgt, topology)
+        plan = plan_policy(
+            self.policy, union=union, stats=self.stats, directions=[f"{self.src}-{self.tgt}"], topology=topology,
+            router=lambda side, layer: self.model.moe_layer(side, layer).router.weight.detach(),
+        )
+        return apply_policy(self.model, plan)
 
     def __exit__(self, *exc: Any) -> None:
-        self._restore()
         self.model.manifest = None
         for _, _, moe in self.model.moe_layers():
             moe.router.active = None
