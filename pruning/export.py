@@ -381,11 +381,11 @@ def summarize(out: Path, manifest: Mapping[str, Any]) -> list[str]:
         f"experts kept: {manifest['num_experts_kept']} of {Topology.from_dict(manifest['topology']).num_total_experts} ({per_layer})",
         f"directions: {shown}",
         f"dtype: {manifest['dtype']}, weights: {len(manifest['weights'])} shard(s)",
-        f"pruned experts: {_policy_line(manifest)}",
+        f"pruned experts: {policy_summary(manifest)}",
     ]
 
 
-def _policy_line(manifest: Mapping[str, Any]) -> str:
+def policy_summary(manifest: Mapping[str, Any]) -> str:
     name = policy_name(manifest)
     if name == DROP:
         return "drop (router rows removed, as in the paper)"

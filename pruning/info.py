@@ -99,6 +99,9 @@ def _manifest_lines(manifest: dict[str, Any]) -> list[str]:
     stats = selection.get("statistics") if isinstance(selection.get("statistics"), dict) else None
     if stats:
         lines.append(f"statistics   {stats.get('file')} (sha256 {str(stats.get('sha256'))[:16]})")
+    from pruning.export import policy_summary
+
+    lines.append(f"pruned as    {policy_summary(manifest)}")
     lines.append(f"directions   {len(directions)} (experts each routes over):")
     for key in sorted(directions)[:40]:
         lines.append(f"  {'any direction' if key == '*' else key:<24} {len(directions[key])}")

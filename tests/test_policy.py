@@ -523,3 +523,10 @@ def test_prune_passes_the_policy_to_its_export(tmp_path, tiny_hf_dir, stats_path
     with pytest.raises(SystemExit) as refused:  # argparse refuses a policy outside its choices
         main(["prune", *flags[:-1], str(tmp_path / "bad"), "--policy", "fold"])
     assert refused.value.code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_info_names_the_policy_of_an_export(exports, capsys):
+    for policy, expected in (("drop", "drop (router rows removed"), ("substitute", "substitute ("), ("merge", "merge (")):
+        assert main(["info", str(exports[policy])]) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("pruned as"))
+        assert expected in line, line
