@@ -91,6 +91,18 @@ paper-studies: testbed-stats ## the paper's comparisons on the testbed (hydra mu
 paper-report: setup
 	$(PY) -m experiments.paper.report
 
+.PHONY: testbed-stats-outputs beyond-study beyond-report
+testbed-stats-outputs: setup ## testbed statistics with --expert-outputs (dev, all 90 directions; ~45 s)
+	$(CLI) stats --model experiments/testbed/model --data experiments/testbed/data/flores --split dev \
+		--langs $(TESTBED_LANGS) --expert-outputs --out $(OUT)/testbed-stats-outputs.safetensors --resume
+
+beyond-study: testbed-stats-outputs ## criterion x policy on the testbed (resumable grid, ~20 min on 2 cores), then the report
+	$(PY) -m experiments.beyond.study hydra.run.dir=$(OUT)/hydra/beyond
+	$(PY) -m experiments.beyond.report
+
+beyond-report: setup
+	$(PY) -m experiments.beyond.report
+
 .PHONY: testbed-lid
 testbed-lid: setup ## the testbed's language identifier for `evaluate --lid` (naive Bayes on train/, accuracy on devtest)
 	$(CLI) train-lid --data experiments/testbed/data --split train --langs $(TESTBED_LANGS) --ngram-max 4 --alpha 0.1 \
