@@ -326,3 +326,21 @@ def _enough(rows: list[dict[str, Any]], *, threshold: float) -> list[dict[str, A
         })
     return out
 
+
+
+def rows_tsv(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    """A header line and one tab-separated line per row (floats with 6 decimals), newline-terminated."""
+
+    def cell(value: Any) -> str:
+        return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+    return "\n".join(["\t".join(columns)] + ["\t".join(cell(row[c]) for c in columns) for row in rows]) + "\n"
+
+
+def print_report(lines: Sequence[str], written: Sequence[Any]) -> int:
+    """What an analysis command prints: its summary, then the files it wrote."""
+    for line in lines:
+        print(line)
+    for path in written:
+        print(f"wrote {path}")
+    return 0

@@ -70,18 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pruning.analysis import print_report
+
     config = resolve(CompareMetricsConfig, args)
     result, written = compare(config)
-    for line in summary_lines(result):
-        print(line)
-    for path in written:
-        print(f"wrote {path}")
-    return 0
+    return print_report(summary_lines(result), written)
 
 
 def compare(config: CompareMetricsConfig) -> tuple[Any, list[Path]]:
     """Compute the agreement and write the TSV, JSON and PNG into ``config.out``."""
-    from pruning.analysis import compare_metrics, computable_metrics, restrict_directions
+    from pruning.analysis import compare_metrics, computable_metrics, restrict_directions, rows_tsv
     from pruning.atomic import write_text
     from pruning.plots import plot_metric_agreement
     from pruning.stats.paper_json import load_statistics
@@ -92,8 +90,7 @@ def compare(config: CompareMetricsConfig) -> tuple[Any, list[Path]]:
     result.notes.extend(notes + list(result.plan.notes))
     out = Path(config.out)
     columns = ["unit", "side", "layer", "metric_a", "metric_b", "spearman", "jaccard"]
-    lines = ["\t".join(columns)] + ["\t".join(_cell(row[c]) for c in columns) for row in result.rows]
-    written = [write_text(out / "metric-agreement.tsv", "\n".join(lines) + "\n")]
+    written = [write_text(out / "metric-agreement.tsv", rows_tsv(columns, result.rows))]
     document = {
         "command": "nllb-prune compare-metrics",
         "settings": dataclasses.asdict(config),
@@ -126,13 +123,10 @@ def summary_lines(result: Any) -> list[str]:
     sides = result.sides
     width = max(len(f"{a} ~ {b}") for a in result.metrics for b in result.metrics)
     header = f"{'metrics':<{width}}" + "".join(f"  {s + ' rho':>8}  {s + ' J':>6}" for s in sides)
-    lines += [f"mean over entries and MoE layers (rho: Spearman of scores, J: Jaccard of kept sets)", header]
+    lines += ["mean over entries and MoE layers (rho: Spearman of scores, J: Jaccard of kept sets)", header]
     summaries = {side: _summary(result, side) for side in sides}
     for k, pair in enumerate(summaries[sides[0]] if sides else []):
         cells = "".join(f"  {summaries[s][k]['spearman']:>8.3f}  {summaries[s][k]['jaccard']:>6.3f}" for s in sides)
         lines.append(f"{pair['metric_a'] + ' ~ ' + pair['metric_b']:<{width}}{cells}")
     return lines
 
-
-def _cell(value: Any) -> str:
-    return f"{value:.6f}" if isinstance(value, float) else str(value)

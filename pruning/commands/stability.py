@@ -49,18 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pruning.analysis import print_report
+
     config = resolve(StabilityConfig, args)
     result, written = measure(config)
-    for line in summary_lines(result):
-        print(line)
-    for path in written:
-        print(f"wrote {path}")
-    return 0
+    return print_report(summary_lines(result), written)
 
 
 def measure(config: StabilityConfig) -> tuple[Any, list[Path]]:
     """Run the bootstrap and write the TSV, JSON and PNG into ``config.out``."""
-    from pruning.analysis import restrict_directions, stability
+    from pruning.analysis import restrict_directions, rows_tsv, stability
     from pruning.atomic import write_text
     from pruning.plots import plot_stability
     from pruning.stats.paper_json import load_statistics
@@ -69,8 +67,7 @@ def measure(config: StabilityConfig) -> tuple[Any, list[Path]]:
     result = stability(stats, config, samples=config.samples, seed=config.seed, threshold=config.threshold, progress=config.progress)
     out = Path(config.out)
     columns = ["unit", "side", "chunks", "sentences", "sentences_mean", "mean", "p5", "p95"]
-    lines = ["\t".join(columns)] + ["\t".join(_cell(row[c]) for c in columns) for row in result.rows]
-    written = [write_text(out / "stability.tsv", "\n".join(lines) + "\n")]
+    written = [write_text(out / "stability.tsv", rows_tsv(columns, result.rows))]
     document = {
         "command": "nllb-prune stability",
         "settings": dataclasses.asdict(config),
@@ -119,6 +116,3 @@ def summary_lines(result: Any) -> list[str]:
         lines.append(f"{item['unit']} {item['side']}: {span}; {enough}")
     return lines
 
-
-def _cell(value: Any) -> str:
-    return f"{value:.6f}" if isinstance(value, float) else str(value)
