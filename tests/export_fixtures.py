@@ -80,3 +80,38 @@ def talkative_hf_dir(directory: Path, tokenizer_dir: Path, *, seed: int = 0) -> 
     with torch.no_grad():
         model.model.shared.weight[codes] *= 0.05
     return fixtures.write_hf(model, directory, shards=2, tokenizer_dir=tokenizer_dir)
+
+
+def many_file_fairseq(tmp_path: Path, monkeypatch) -> Path:  # noqa: ANN001 - pytest's monkeypatch
+    """A fairseq checkpoint many times larger than its largest file (d_model 64, 32 experts, 8 layers)."""
+    monkeypatch.setitem(fixtures.TINY_WIDTHS, "d_model", 64)
+    monkeypatch.setitem(fixtures.TINY_WIDTHS, "ffn_dim", 256)
+    model = fixtures.make_model(256, encoder_layers=4, decoder_layers=4, sparse_step=2, num_experts=32)
+    return fixtures.write_fairseq(model, tmp_path / "fs", optimizer_numel=10)
+
+
+class LoadTracker:
+    """Bytes of loaded checkpoint tensors alive at once (weak references to their storages); ``peak`` the most."""
+
+    def __init__(self, monkeypatch) -> None:  # noqa: ANN001 - pytest's monkeypatch
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        from pruning.checkpoint import torch_zip
+
+        self.alive: list[tuple[StorageWeakRef, int]] = []
+        self.peak = 0
+        original = torch_zip.LazyTensor.load
+        tracker = self
+
+        def tracked_load(lazy):  # noqa: ANN001, ANN202
+            tensor = original(lazy)
+            tracker.alive[:] = [(ref, n) for ref, n in tracker.alive if not ref.expired()]
+            tracker.alive.append((StorageWeakRef(tensor.untyped_storage()), tensor.untyped_storage().nbytes()))
+            tracker.peak = max(tracker.peak, sum(n for _, n in tracker.alive))
+            return tensor
+
+        monkeypatch.setattr(torch_zip.LazyTensor, "load", tracked_load)
+
+    def reset(self) -> None:
+        self.alive.clear()
+        self.peak = 0

@@ -157,42 +157,24 @@ def test_export_cli_info_and_load(tmp_path, tiny_fairseq_dir, index_path, capsys
 # ---- streaming: memory bounded by the largest input file ------------------------------------------
 def test_export_memory_is_bounded_by_the_largest_input_file(tmp_path, monkeypatch):
     """Every tensor the export loads is tracked (weak references to its storage) while it stays alive."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    monkeypatch.setitem(fixtures.TINY_WIDTHS, "d_model", 64)
-    monkeypatch.setitem(fixtures.TINY_WIDTHS, "ffn_dim", 256)
-    model = fixtures.make_model(256, encoder_layers=4, decoder_layers=4, sparse_step=2, num_experts=32)
-    source = fixtures.write_fairseq(model, tmp_path / "fs", optimizer_numel=10)
+    source = ef.many_file_fairseq(tmp_path, monkeypatch)
     reader = open_checkpoint(source)
     largest_file = max(f.stat().st_size for f in reader.files)
     largest_tensor = max(e.tensor.nbytes for e in reader.entries())
     total = reader.total_bytes()
     assert total > 8 * largest_file, "the checkpoint must be many times its largest file"
     path = write_index(ExpertIndex.for_all(range(reader.topology.num_total_experts)), tmp_path / "all.json")
-
-    alive: list[tuple[StorageWeakRef, int]] = []
-    peak = {"bytes": 0}
-    original = torch_zip.LazyTensor.load
-
-    def tracked_load(self):
-        tensor = original(self)
-        alive[:] = [(ref, n) for ref, n in alive if not ref.expired()]
-        alive.append((StorageWeakRef(tensor.untyped_storage()), tensor.untyped_storage().nbytes()))
-        peak["bytes"] = max(peak["bytes"], sum(n for _, n in alive))
-        return tensor
-
-    monkeypatch.setattr(torch_zip.LazyTensor, "load", tracked_load)
+    tracker = ef.LoadTracker(monkeypatch)
     export_checkpoint(source, experts=path, out=tmp_path / "bounded", dtype=torch.float32, max_shard_bytes=largest_file, progress=False)
-    bounded = peak["bytes"]
+    bounded = tracker.peak
     print(f"largest file {largest_file} B, largest tensor {largest_tensor} B, checkpoint {total} B, peak held {bounded} B")
     assert bounded <= largest_file + largest_tensor, (bounded, largest_file, largest_tensor, total)
 
     # control: the same tracker sees the whole model when the writer is allowed one shard for everything
-    alive.clear()
-    peak["bytes"] = 0
+    tracker.reset()
     export_checkpoint(source, experts=path, out=tmp_path / "one_shard", dtype=torch.float32, progress=False)
-    print(f"one shard for everything: peak held {peak['bytes']} B")
-    assert peak["bytes"] > 0.9 * total > 5 * bounded
+    print(f"one shard for everything: peak held {tracker.peak} B")
+    assert tracker.peak > 0.9 * total > 5 * bounded
     assert load_model(tmp_path / "bounded").expert_selection() == load_model(tmp_path / "one_shard").expert_selection()
 
 

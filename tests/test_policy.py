@@ -467,15 +467,9 @@ def test_policy_exports_load_in_plain_transformers_with_the_same_outputs(tmp_pat
 
 def test_merge_export_streams(tmp_path, monkeypatch):
     """Loaded checkpoint tensors alive at once stay below one input file + two tensors (a kept expert's and one folded)."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    from pruning.checkpoint import torch_zip
     from pruning.index import ExpertIndex, write_index
 
-    monkeypatch.setitem(fixtures.TINY_WIDTHS, "d_model", 64)
-    monkeypatch.setitem(fixtures.TINY_WIDTHS, "ffn_dim", 256)
-    model = fixtures.make_model(256, encoder_layers=4, decoder_layers=4, sparse_step=2, num_experts=32)
-    source = fixtures.write_fairseq(model, tmp_path / "fs", optimizer_numel=10)
+    source = ef.many_file_fairseq(tmp_path, monkeypatch)
     reader = open_checkpoint(source)
     largest_file = max(f.stat().st_size for f in reader.files)
     largest_tensor = max(e.tensor.nbytes for e in reader.entries())
@@ -483,24 +477,12 @@ def test_merge_export_streams(tmp_path, monkeypatch):
     kept = [gid for gid in range(topology.num_total_experts) if gid % 4 == 0]
     index = write_index(ExpertIndex.for_all(kept), tmp_path / "kept.json")
     stats = synthetic_stats(topology, 64, directions=[f"{FRA}-{DEU}"]).save(tmp_path / "stats.safetensors")
-
-    alive: list[tuple[StorageWeakRef, int]] = []
-    peak = {"bytes": 0}
-    original = torch_zip.LazyTensor.load
-
-    def tracked_load(self):
-        tensor = original(self)
-        alive[:] = [(ref, n) for ref, n in alive if not ref.expired()]
-        alive.append((StorageWeakRef(tensor.untyped_storage()), tensor.untyped_storage().nbytes()))
-        peak["bytes"] = max(peak["bytes"], sum(n for _, n in alive))
-        return tensor
-
-    monkeypatch.setattr(torch_zip.LazyTensor, "load", tracked_load)
+    tracker = ef.LoadTracker(monkeypatch)
     out = export_checkpoint(source, experts=index, out=tmp_path / "merged", dtype=torch.float32, max_shard_bytes=largest_file,
                             progress=False, policy="merge", stats=stats)
-    print(f"largest file {largest_file} B, largest tensor {largest_tensor} B, checkpoint {reader.total_bytes()} B, peak held {peak['bytes']} B")
-    assert peak["bytes"] <= largest_file + 2 * largest_tensor
-    assert reader.total_bytes() > 5 * peak["bytes"]
+    print(f"largest file {largest_file} B, largest tensor {largest_tensor} B, checkpoint {reader.total_bytes()} B, peak held {tracker.peak} B")
+    assert tracker.peak <= largest_file + 2 * largest_tensor
+    assert reader.total_bytes() > 5 * tracker.peak
     assert len(load_model(out).extra_rows()) == topology.num_moe_layers
 
 
