@@ -8,17 +8,13 @@ import torch
 from metrics import MetricError, compute_metric
 from pruning.cli import main
 from pruning.model.loading import load_model
+from pruning.model.moe import sorted_loop_dispatch
 from pruning.stats.collect import RoutingCollector, StatsOptions, collect_statistics
 from pruning.stats.counters import RoutingStats
 from pruning.stats.outputs import ALL_OUTPUT_COUNTERS, GATE_RATIO_BINS
 from tests.stats_fixtures import LANGS, make_flores
 
 FRA, DEU, ENG = LANGS
-
-
-@pytest.fixture(scope="module")
-def model(tiny_hf_dir):
-    return load_model(tiny_hf_dir)
 
 
 class LayerRecorder:
@@ -88,7 +84,16 @@ def reference_outputs(model, calls) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def test_counters_equal_a_plain_loop_over_routed_tokens(model, tiny_batch):
+def _second_pass_only(x, routing, experts):  # a dispatch without ``observe``: the tap runs the experts again
+    return sorted_loop_dispatch(x, routing, experts)
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "loop", "no-observe"])
+def test_counters_equal_a_plain_loop_over_routed_tokens(tiny_hf_dir, tiny_batch, dispatch):
+    model = load_model(tiny_hf_dir, dispatch="loop" if dispatch == "no-observe" else dispatch)
+    if dispatch == "no-observe":
+        for _, _, moe in model.moe_layers():
+            moe.dispatch = _second_pass_only
     recorder = LayerRecorder(model)
     collector = RoutingCollector(model, num_experts=model.topology.num_experts, expert_outputs=True)
     try:

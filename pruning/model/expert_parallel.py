@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,7 @@ from pruning.checkpoint import keymap
 from pruning.checkpoint.reader import open_checkpoint
 from pruning.checkpoint.torch_zip import CheckpointError
 from pruning.model.build import ExpertSelection, NllbMoeForPruning, full_selection
-from pruning.model.moe import TOP_K, Router, Routing, StackedExperts
+from pruning.model.moe import TOP_K, Observer, Router, Routing, StackedExperts
 
 
 def shard_bounds(num_rows: int, world: int) -> list[tuple[int, int]]:
@@ -85,13 +85,9 @@ class ExpertParallelDispatch:
     """The expert-parallel process group (``None`` = the default group)."""
     bounds: list[tuple[int, int]]
     local: str = "loop"
-    observe: Optional[Callable[..., None]] = None
-    """If set: ``observe(routing, row [N], token [N], k [N], y [N, D])`` with the raw expert output of each
-    dispatched assignment (before the combine weight), sorted by router row as
-    :func:`pruning.stats.outputs.dispatched_assignments` sorts them. The outputs come back from their
-    owners anyway, so statistics that need them cost no second expert pass (``--expert-outputs``)."""
 
-    def __call__(self, x: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: StackedExperts, observe: Optional[Observer] = None) -> torch.Tensor:
+        """As a single-process dispatch; ``observe`` gets the outputs that come back from their owners."""
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         num_rows = routing.probs.shape[1]
         mine = self.bounds[rank]
@@ -137,9 +133,9 @@ class ExpertParallelDispatch:
         dist.all_to_all_single(
             returned, results, output_split_sizes=send_splits, input_split_sizes=recv_splits, group=self.group
         )
-        if self.observe is not None:
+        if observe is not None:
             kept = flat_kept[order]  # [N]
-            self.observe(routing, flat_row[order][kept], flat_token[kept], flat_k[order][kept], returned[kept])
+            observe(routing, flat_row[order][kept], flat_token[kept], flat_k[order][kept], returned[kept])
         weight = flat_weight[:, None].to(returned.dtype)  # [N, 1]
         if grouped:  # as grouped_mm_dispatch: exact zeros for dropped assignments
             contribution = torch.where(weight > 0, returned * weight, torch.zeros((), dtype=returned.dtype, device=x.device))

@@ -146,7 +146,12 @@ class StackedExperts(nn.Module):
         return F.linear(h, self.fc2_weight[e], self.fc2_bias[e])  # [N, D]
 
 
-Dispatch = Callable[[torch.Tensor, Routing, StackedExperts], torch.Tensor]
+Dispatch = Callable[..., torch.Tensor]
+"""``dispatch(x [T, D], routing, experts[, observe]) -> [T, D]``: the weighted sum of the experts' outputs."""
+Observer = Callable[[Routing, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""``observe(routing, expert [N] local row, token [N], k [N] choice, y [N, D])``: each dispatched assignment's
+raw expert output (before the combine weight), sorted by expert with token order kept within an expert.
+Dispatches that accept it hand statistics the outputs they compute anyway (``stats --expert-outputs``)."""
 
 
 @dataclass(frozen=True)
@@ -187,10 +192,13 @@ class ExtraRows:
         return slots
 
 
-def sorted_loop_dispatch(x: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
+def sorted_loop_dispatch(
+    x: torch.Tensor, routing: Routing, experts: StackedExperts, observe: Optional[Observer] = None
+) -> torch.Tensor:
     """Sort the T*K assignments by expert and run each expert once on its tokens.
 
     Never allocates [E, T, D]: memory is O(T*K*D). Returns the weighted sum [T, D] (before EOM scaling).
+    ``observe`` (statistics) also receives every dispatched assignment's raw output, see :data:`Observer`.
     """
     flat_expert = routing.expert_idx.reshape(-1)  # [T*K]
     flat_token = torch.arange(x.shape[0], device=x.device).repeat_interleave(TOP_K)  # [T*K]
@@ -201,22 +209,31 @@ def sorted_loop_dispatch(x: torch.Tensor, routing: Routing, experts: StackedExpe
     flat_expert, flat_token, flat_weight = flat_expert[order], flat_token[order], flat_weight[order]
     counts = torch.bincount(flat_expert, minlength=experts.num_experts).tolist()
     out = torch.zeros_like(x)
+    raw = x.new_empty(flat_token.shape[0], x.shape[1]) if observe is not None else None  # [N, D]
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         tokens = flat_token[start : start + n]
         y = experts.expert_forward(e, x[tokens])  # [n, D]
+        if raw is not None:
+            raw[start : start + n] = y
         out.index_add_(0, tokens, y * flat_weight[start : start + n, None].to(y.dtype))
         start += n
+    if observe is not None:
+        flat_k = torch.arange(TOP_K, device=x.device).repeat(x.shape[0])[keep][order]  # [N]
+        observe(routing, flat_expert, flat_token, flat_k, raw)
     return out
 
 
-def grouped_mm_dispatch(x: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
+def grouped_mm_dispatch(
+    x: torch.Tensor, routing: Routing, experts: StackedExperts, observe: Optional[Observer] = None
+) -> torch.Tensor:
     """All experts of the layer as two grouped GEMMs over the stacked weights; no host synchronisation.
 
     Every one of the T*K assignments is computed (dropped/padding ones get weight 0), so shapes never
-    depend on the routing: no ``.tolist()``, no boolean indexing, CUDA-graph friendly.
+    depend on the routing: no ``.tolist()``, no boolean indexing, CUDA-graph friendly. ``observe``
+    (statistics only) receives the dispatched assignments' raw outputs (boolean indexing, so a sync).
     """
     flat_expert = routing.expert_idx.reshape(-1)  # [T*K]
     order = torch.argsort(flat_expert, stable=True)  # [T*K]
@@ -230,6 +247,9 @@ def grouped_mm_dispatch(x: torch.Tensor, routing: Routing, experts: StackedExper
     h = F.relu(h + experts.fc1_bias[sorted_expert])
     y = torch._grouped_mm(h, experts.fc2_weight.transpose(1, 2), offs=offsets)  # [T*K, D]
     y = y + experts.fc2_bias[sorted_expert]
+    if observe is not None:
+        dispatched = routing.dispatched.reshape(-1)[order]  # [T*K]
+        observe(routing, sorted_expert[dispatched], tokens[dispatched], (order % TOP_K)[dispatched], y[dispatched])
     y = torch.where(weight[:, None] > 0, y * weight[:, None].to(y.dtype), torch.zeros((), dtype=y.dtype, device=y.device))
     out = torch.zeros_like(x)
     out.index_add_(0, tokens, y)

@@ -176,22 +176,11 @@ class RoutingCollector:
             self._handles.append(moe.register_forward_hook(self._hook(short, row)))
             if expert_outputs:
                 self._tapped.append((moe, moe.dispatch))
-                if hasattr(moe.dispatch, "observe"):  # expert parallelism: the outputs come back to this rank anyway
-                    moe.dispatch.observe = self._observed(self._outputs_hook(short, row))
-                else:
-                    moe.dispatch = tap_dispatch(moe.dispatch, self._outputs_hook(short, row), enabled=lambda: self.enabled)
+                moe.dispatch = tap_dispatch(moe.dispatch, self._outputs_hook(short, row), enabled=lambda: self.enabled)
         self._acc: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, torch.Tensor] = {}
         self._out: dict[str, dict[str, torch.Tensor]] = {}  # side -> {"rows" [Ls, C', E], "out_sum" [Ls, E, D], "coact" [Ls, E, E]}
         self.reset()
-
-    def _observed(self, hook):  # noqa: ANN001, ANN202 - an OutputsCallback, only while enabled
-        def observe(*args: Any) -> None:
-            if self.enabled:
-                with torch.no_grad():
-                    hook(*args)
-
-        return observe
 
     def _outputs_hook(self, side: str, row: int):  # noqa: ANN202 - called by the tapped dispatch
         def hook(routing: Routing, expert: torch.Tensor, token: torch.Tensor, k: torch.Tensor, y: torch.Tensor) -> None:
@@ -315,8 +304,6 @@ class RoutingCollector:
         self._handles = []
         for moe, dispatch in self._tapped:
             moe.dispatch = dispatch
-            if hasattr(dispatch, "observe"):
-                dispatch.observe = None
         self._tapped = []
 
 

@@ -4,10 +4,11 @@ Dimension legend: T tokens of one layer call, K = 2 choices, N dispatched assign
 R router rows of the layer (its kept experts), E experts of the unpruned layer, D d_model.
 
 The counters need each expert's output per assignment, which the layer never keeps (the dispatch sums
-them). :func:`tap_dispatch` wraps a layer's dispatch: the wrapped dispatch runs unchanged (its result
-is returned as is, so the layer output is bit-identical), then the dispatched assignments are run once
-more through their experts (:meth:`StackedExperts.expert_forward`) and handed to a callback. The
-extra expert pass roughly doubles the expert compute of a collection run.
+them). :func:`tap_dispatch` wraps a layer's dispatch, whose result is returned as is (the layer output
+is bit-identical). The model's dispatches (``loop``, ``grouped``, expert-parallel) take an ``observe``
+callback and hand it the raw outputs they compute anyway: no second expert pass. Any other dispatch is
+followed by a second pass of the dispatched assignments through their experts
+(:meth:`StackedExperts.expert_forward`).
 
 Every counter is over the dispatched (non-padding, within capacity) assignments; the output ``y`` is
 the expert's raw output for that token, BEFORE the combine weight and BEFORE expert-output-masking
@@ -16,11 +17,12 @@ scaling (``1 - eom``). Counters are indexed by the original expert id.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
 
-from pruning.model.moe import TOP_K, Dispatch, Routing, StackedExperts
+from pruning.model.moe import TOP_K, Dispatch, Observer, Routing, StackedExperts
 
 OUTPUT_COUNTERS = ("routed", "out_norm", "out_norm_sq", "gate_norm", "weight_norm", "max_abs")
 """Per-expert [E] counters of one layer call (stacked as [C, E]); ``out_sum`` [E, D] and ``coact`` [E, E] apart."""
@@ -30,7 +32,7 @@ GATE_RATIO_HIST = "gate_ratio_hist"
 GATE_RATIO_BINS = 20
 ALL_OUTPUT_COUNTERS = OUTPUT_COUNTERS + EXTRA_COUNTERS + (GATE_RATIO_HIST,)
 
-OutputsCallback = Callable[[Routing, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+OutputsCallback = Observer
 """``(routing, expert [N] local row, token [N], k [N] choice, y [N, D])`` of one layer call."""
 
 
@@ -76,7 +78,21 @@ def assignment_outputs(x: torch.Tensor, expert: torch.Tensor, token: torch.Tenso
 
 
 def tap_dispatch(dispatch: Dispatch, callback: OutputsCallback, *, enabled: Callable[[], bool]) -> Dispatch:
-    """``dispatch`` unchanged, plus (while ``enabled()``) the per-assignment expert outputs to ``callback``."""
+    """``dispatch`` unchanged, plus (while ``enabled()``) the per-assignment expert outputs to ``callback``.
+
+    A dispatch that takes ``observe`` (the model's own, the expert-parallel one) hands over the outputs it
+    computes anyway; any other is followed by a second pass of the dispatched assignments through their experts.
+    """
+    if "observe" in inspect.signature(dispatch).parameters:
+
+        def observed(x: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
+            if not enabled():
+                return dispatch(x, routing, experts)
+            with torch.no_grad():
+                return dispatch(x, routing, experts, observe=callback)
+
+        observed.wrapped = dispatch  # type: ignore[attr-defined]
+        return observed
 
     def tapped(x: torch.Tensor, routing: Routing, experts: StackedExperts) -> torch.Tensor:
         out = dispatch(x, routing, experts)  # [T, D], returned untouched
