@@ -226,7 +226,7 @@ def _plan_policy(policy: str, stats: Optional[str | Path], *, reader: Checkpoint
     partial = [f"{side} layer {layer}" for (side, layer), ids in reader.present_experts().items() if ids != everything]
     if partial:
         raise ExportError(f"--policy {policy} needs every expert of the source model, but {reader.path} lacks some in {', '.join(partial[:6])}")
-    stats_path = Path(str(stats))
+    stats_path = Path(str(stats)) if stats else None
     routers: dict[tuple[str, int], torch.Tensor] = {}
     by_name = {e.name: e for e in reader.entries()}
 
@@ -238,11 +238,11 @@ def _plan_policy(policy: str, stats: Optional[str | Path], *, reader: Checkpoint
     return plan_policy(
         policy,
         union=plan.union,
-        stats=RoutingStats.load(stats_path),
+        stats=RoutingStats.load(stats_path) if stats_path else None,
         directions=list(plan.directions),
         topology=reader.topology,
         router=router,
-        stats_info={"file": stats_path.name, "sha256": sha256_file(stats_path)},
+        stats_info={"file": stats_path.name, "sha256": sha256_file(stats_path)} if stats_path else None,
     )
 
 
@@ -391,6 +391,8 @@ def policy_summary(manifest: Mapping[str, Any]) -> str:
         return "drop (router rows removed, as in the paper)"
     layers = manifest["policy"]["layers"].values()
     rows = sum(len(entry["rows"]) for entry in layers)
+    if name == "skip":
+        return f"skip ({rows} router rows kept; a token routed to a pruned expert gets nothing from it)"
     if name == "substitute":
         never = sum(len(entry.get("never_routed", [])) for entry in layers)
         return f"substitute ({rows} router rows kept, each answered by its expert's mean output; {never} never routed in the statistics: zero)"

@@ -20,8 +20,8 @@ Written by :mod:`pruning.export` into every export; read back by :func:`pruning.
 * ``weights``: ``{shard file name: sha256}``, so the manifest's own digest identifies the weights;
 * ``policy`` (format version 2; absent in version 1 = ``{"name": "drop"}``): the treatment of pruned
   experts chosen at export (:mod:`pruning.policy`). ``{"name": "drop"}`` (the paper's: router rows
-  removed; written with format version 1, as before) or, for ``substitute`` / ``merge`` (format
-  version 2), ``name``, ``statistics`` (file name, sha256, the directions summed per side),
+  removed; written with format version 1, as before) or, for ``skip`` / ``substitute`` / ``merge`` (format
+  version 2), ``name``, ``statistics`` (substitute, merge: file name, sha256, the directions summed per side),
   ``frequency`` (merge: ``"routed"`` or ``"top1+top2"``) and ``layers``:
   ``{"encoder.3": {"rows": [pruned ids], "to": [kept id | null], ...}}``: the router of that layer
   stores the kept experts' rows (``experts``), then one row per ``rows`` entry; ``to`` is the kept

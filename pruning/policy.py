@@ -1,10 +1,15 @@
-"""Treatment of pruned experts, chosen at export: ``nllb-prune export --policy drop|substitute|merge``.
+"""Treatment of pruned experts, chosen at export: ``nllb-prune export --policy drop|skip|substitute|merge``.
 
 Dimension legend: E experts per MoE layer of the unpruned model, D d_model, P pruned experts of a
 layer, L MoE layers of a side (statistics rows).
 
 * ``drop`` (default; the pruning paper's): a pruned expert's router row is removed, so the softmax and
   the top-2 choice run over the kept experts alone. Nothing here is used.
+* ``skip``: every router row is kept, so routing is the unpruned model's; an assignment to a pruned
+  expert contributes nothing (the token keeps only its kept expert's weighted output, not renormalised;
+  a token with both choices pruned passes the layer on its residual alone), as fairseq's expert output
+  masking does to whole tokens in training. Needs no statistics. Stored as ``substitute`` with zero
+  vectors (``constant_outputs`` of zeros, [P, D]), so every loader serves it unchanged.
 * ``substitute``: every router row is kept, so routing is the unpruned model's; an assignment to a
   pruned expert p contributes ``weight * (1 - eom) * mean_output[p]``, where ``mean_output[p] =
   out_sum[p] / routed[p]`` is p's mean raw output (before the combine weight and the EOM scaling) over
@@ -41,7 +46,9 @@ from pruning.manifest import ANY_DIRECTION, DROP, LayerExperts, constant_outputs
 from pruning.model.moe import ExtraRows
 from pruning.topology import Side, Topology
 
-POLICIES = (DROP, "substitute", "merge")
+SKIP = "skip"
+POLICIES = (DROP, SKIP, "substitute", "merge")
+NEEDS_STATISTICS = frozenset({"substitute", "merge"})
 STAT_SIDE = {"encoder": "enc", "decoder": "dec"}
 
 RouterRows = Callable[[Side, int], torch.Tensor]
@@ -56,7 +63,7 @@ def check_policy(policy: str, stats: Optional[str | Path]) -> None:
     """The policy is known and has the statistics it needs (before any heavy work)."""
     if policy not in POLICIES:
         raise PolicyError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    if policy != DROP and not stats:
+    if policy in NEEDS_STATISTICS and not stats:
         raise PolicyError(
             f"--policy {policy} needs --stats FILE: a routing statistics file of the unpruned model "
             "(from `nllb-prune stats`" + (", collected with --expert-outputs" if policy == "substitute" else "") + ")"
@@ -164,6 +171,8 @@ def plan_policy(
     """
     if name not in POLICIES or name == DROP:
         raise PolicyError(f"plan_policy is for {', '.join(POLICIES[1:])}, got {name!r}")
+    if name == SKIP:
+        return _plan_skip(union, topology=topology, router=router)
     what = f"statistics file {stats_info.get('file')}" if stats_info and stats_info.get("file") else "the statistics"
     topology.check_same_routing(stats.topology, what=what)
     counters, used = served_counters(stats, directions, what=what)
@@ -196,6 +205,19 @@ def plan_policy(
     if name == "merge":
         record["frequency"] = frequency_source
     return PolicyPlan(name, layers, record)
+
+
+def _plan_skip(union: LayerExperts, *, topology: Topology, router: RouterRows) -> PolicyPlan:
+    """``skip``: substitute layers whose vectors are zeros (no statistics)."""
+    layers: dict[tuple[Side, int], LayerPolicy] = {}
+    for _, side, layer in topology.iter_moe_layers():
+        d_model = router(side, layer).shape[1]
+        zeros = torch.zeros(topology.num_experts, d_model, dtype=torch.float64)  # [E, D]
+        lp = substitute_layer(sorted(union[(side, layer)]), routed=torch.zeros(topology.num_experts), out_sum=zeros, num_experts=topology.num_experts)
+        lp.record = {"rows": lp.record["rows"], "to": lp.record["to"]}
+        layers[(side, layer)] = lp
+    record = {"name": SKIP, "layers": {layer_name(side, layer): lp.record for (side, layer), lp in layers.items()}}
+    return PolicyPlan(SKIP, layers, record)
 
 
 def substitute_layer(kept: Sequence[int], *, routed: torch.Tensor, out_sum: torch.Tensor, num_experts: int) -> LayerPolicy:

@@ -380,7 +380,7 @@ def test_multi_direction_policy_export_masks_only_kept_rows(tmp_path, tiny_hf_di
 # ---- bad input -----------------------------------------------------------------------------------------
 def test_policy_errors(tmp_path, tiny_hf_dir, index_path, routing_only_stats, stats_path, exports, capsys):
     common = dict(experts=index_path, directions=[(FRA, DEU)], progress=False)
-    with pytest.raises(PolicyError, match=r"--policy must be one of drop, substitute, merge, got 'average'"):
+    with pytest.raises(PolicyError, match=r"--policy must be one of drop, skip, substitute, merge, got 'average'"):
         export_checkpoint(tiny_hf_dir, out=tmp_path / "a", policy="average", stats=stats_path, **common)
     with pytest.raises(PolicyError, match=r"--policy merge needs --stats FILE"):
         export_checkpoint(tiny_hf_dir, out=tmp_path / "b", policy="merge", **common)
@@ -437,7 +437,7 @@ def test_policy_exports_load_in_plain_transformers_with_the_same_outputs(tmp_pat
     outs = {
         policy: export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / policy, directions=parse_directions(langs=list(ef.LANGS)),
                                   dtype=torch.float32, progress=False, policy=policy, stats=stats_path)
-        for policy in ("substitute", "merge")
+        for policy in ("skip", "substitute", "merge")
     }
     batch = {k: v.tolist() for k, v in tiny_batch.items()}
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
@@ -512,3 +512,22 @@ def test_info_names_the_policy_of_an_export(exports, capsys):
         assert main(["info", str(exports[policy])]) == 0
         line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("pruned as"))
         assert expected in line, line
+
+
+def test_skip_is_the_full_model_with_the_pruned_experts_silenced(tmp_path, tiny_hf_dir, index_path, tiny_batch):
+    """`--policy skip` needs no statistics and equals the unpruned model whose pruned experts output exactly 0."""
+    out = tmp_path / "skip"
+    flags = ["--model", str(tiny_hf_dir), "--experts", str(index_path), "--src", FRA, "--tgt", DEU, "--dtype", "fp32", "--out", str(out)]
+    assert main(["export", *flags, "--policy", "skip"]) == 0
+    skip, silenced = load_model(out), load_model(tiny_hf_dir, dtype="fp32")
+    kept = skip.expert_selection()
+    with torch.no_grad():  # zero weights and biases: relu(0) = 0, so the expert's output is exactly 0
+        for side, layer, moe in silenced.moe_layers():
+            for e in sorted(set(range(moe.experts.num_experts)) - set(kept[(side, layer)])):
+                for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
+                    getattr(moe.experts, name)[e].zero_()
+    assert sum(len(v) for v in kept.values()) < silenced.topology.num_total_experts
+    torch.testing.assert_close(logits(skip, tiny_batch), logits(silenced, tiny_batch), rtol=1e-5, atol=1e-5)
+    manifest = read_manifest(out)
+    assert manifest["policy"]["name"] == "skip" and "statistics" not in manifest["policy"]
+    assert not torch.allclose(logits(skip, tiny_batch), logits(load_model(tiny_hf_dir, dtype="fp32"), tiny_batch), atol=1e-3)

@@ -15,6 +15,7 @@ from typing import Any
 
 BASELINE = ("importance", "drop")
 """The paper's setting: importance scores, pruned experts dropped."""
+POLICY_ORDER = ["drop", "skip", "substitute", "merge"]
 
 
 def load_runs(results: Path) -> list[dict[str, Any]]:
@@ -79,7 +80,7 @@ def plot_curves(configs: dict[tuple[str, str, float], dict[str, Any]], full: dic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    policies = sorted({k[1] for k in configs}, key=["drop", "substitute", "merge"].index)
+    policies = sorted({k[1] for k in configs}, key=POLICY_ORDER.index)
     fig, axes = plt.subplots(2, len(policies), figsize=(4.6 * len(policies), 7.5), sharex=True, sharey="row", squeeze=False)
     criteria = sorted({k[0] for k in configs})
     colors = {c: plt.cm.tab20(i % 20) for i, c in enumerate(criteria)}
@@ -133,7 +134,7 @@ def report(results: Path) -> Path:
         *winners(configs, shares),
         "",
     ]
-    for policy in ("drop", "substitute", "merge"):
+    for policy in POLICY_ORDER:
         if any(k[1] == policy for k in configs):
             parts += [
                 f"## Policy `{policy}`: mean chrF++ (difference to importance + drop, paired over directions) / off-target %",

@@ -10,7 +10,7 @@ an interrupted grid resumes. The paper's setting is ``importance`` + ``drop``.
 Per direction ``src-tgt`` the encoder keeps the experts selected for ``src`` and the decoder those
 for ``tgt`` (per-language selection, fixed count per layer). ``drop`` routes over the kept experts
 only (the paper; in memory through ``router.active``, as an export would compute, tests/test_export.py);
-``substitute`` and ``merge`` build that direction's MoE layers with the policy's extra router rows from
+``skip``, ``substitute`` and ``merge`` build that direction's MoE layers with the policy's extra router rows from
 the full model's weights and the statistics of ``src`` (encoder) and ``tgt`` (decoder), as
 ``nllb-prune export --policy`` does for a one-direction export.
 """

@@ -13,7 +13,7 @@ NAME = "export"
 HELP = "Write a pruned single-GPU checkpoint: the dense part plus the experts an expert index keeps for some directions."
 
 DTYPE_CHOICES = ["bf16", "fp16", "fp32"]
-POLICY_CHOICES = ["drop", "substitute", "merge"]
+POLICY_CHOICES = ["drop", "skip", "substitute", "merge"]
 
 
 @dataclass
@@ -31,7 +31,8 @@ class ExportConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing export directory"})
     shard_gb: float = field(default=4.0, metadata={"help": "maximum shard size in GiB (bounds the export's memory use)"})
     policy: str = field(default="drop", metadata={
-        "help": "treatment of pruned experts: drop (router rows removed, the paper's), substitute (rows kept, answered by "
+        "help": "treatment of pruned experts: drop (router rows removed, the paper's), skip (rows kept, a token routed to a "
+        "pruned expert gets nothing from it; no statistics needed), substitute (rows kept, answered by "
         "the expert's mean output; needs --stats from `stats --expert-outputs`), merge (folded into the kept expert "
         "they co-activate with most, frequency-weighted; needs --stats)",
         "choices": POLICY_CHOICES,

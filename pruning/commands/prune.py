@@ -91,6 +91,7 @@ def prune(config: PruneConfig, *, progress: bool = True) -> list[str]:
     from pruning.index import validate_index
     from pruning.manifest import read_manifest, sha256_file
     from pruning.model.loading import parse_dtype
+    from pruning.policy import NEEDS_STATISTICS
     from pruning.select import select_experts
     from pruning.stats.paper_json import load_statistics
 
@@ -116,6 +117,6 @@ def prune(config: PruneConfig, *, progress: bool = True) -> list[str]:
         selection=record,
         progress=progress,
         policy=config.policy,
-        stats=config.stats if config.policy != "drop" else None,
+        stats=config.stats if config.policy in NEEDS_STATISTICS else None,
     )
     return [*selection.summary(), f"source {config.model}", *summarize(out, read_manifest(out) or {})]

@@ -14,7 +14,7 @@ Routing (fairseq ``top2gating``, eval mode; reference page section 2):
 The router decides and returns a :class:`Routing` (data, no state on ``self``); the dispatch turns
 ``(x, routing)`` into the output. Statistics collection observes the routing through a forward hook.
 
-Pruned-expert policies (``nllb-prune export --policy substitute|merge``; ``drop`` is the paper's and
+Pruned-expert policies (``nllb-prune export --policy skip|substitute|merge``; ``drop`` is the paper's and
 needs nothing here): a layer may keep router rows of pruned experts, after the rows of its kept
 experts (R router rows >= E experts with weights). :class:`ExtraRows` says what serves each extra
 row: a kept expert (``merge``: the expert the pruned one was folded into) or a stored constant output
