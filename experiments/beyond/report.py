@@ -127,7 +127,13 @@ def report(results: Path) -> Path:
         "selection with a fixed count per layer; off-target rate from the testbed's own language identifier "
         f"(`{first.get('lid')}`).",
         "",
+        f"Made on {first.get('device', '?')} with {', '.join(f'{k} {v}' for k, v in sorted(first.get('versions', {}).items()))}, "
+        f"{min(r.get('date', '?') for r in runs)} to {max(r.get('date', '?') for r in runs)}.",
+        "",
         f"Unpruned: {full['mean_chrf++']:.2f} chrF++, {_fmt(full.get('mean_off_target'))}% off-target." if full else "",
+        "",
+        "What the numbers say, and why: [FINDINGS.md](FINDINGS.md) (hand-written). Metric agreement and "
+        "calibration stability: [analysis/](analysis/README.md).",
         "",
         "## Which combination wins",
         "",

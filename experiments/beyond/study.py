@@ -18,17 +18,21 @@ the full model's weights and the statistics of ``src`` (encoder) and ``tgt`` (de
 from __future__ import annotations
 
 import json
+import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.paper import study as paper_study
 from metrics.router import needs_router_rows
 from pruning.index import ExpertIndex, direction_ids
 from pruning.select import SelectOptions, select_experts
+from pruning.stats.collect import versions
 from pruning.stats.counters import RoutingStats
 from pruning.topology import Topology
 
@@ -176,7 +180,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         row.update({
             "directions": len(directions), "max_sentences": cfg.max_sentences, "beam": cfg.beam, "split": cfg.split,
             "aggregate": cfg.aggregate, "model": cfg.model, "stats": cfg.stats, "lid": cfg.lid if lid is not None else None,
-            "seed": cfg.seed,
+            "seed": cfg.seed, "versions": versions(), "device": f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
         _write_json(hyps_dir / f"{run_name(config)}.json", hyps)
         _write_json(out, row)
