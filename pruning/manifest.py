@@ -254,22 +254,24 @@ def set_direction(model: Any, src: Optional[str], tgt: Optional[str] = None) -> 
     all of them. ``set_direction(model, None)`` clears every mask. A model without a manifest (a full
     checkpoint) is left routing over everything it holds.
 
-    Rows of pruned experts kept by a ``substitute`` / ``merge`` export (experts outside the union of
-    the export's directions) stay active for every direction; an expert of the union that a direction
-    does not use is masked out for that direction, as with ``drop``.
+    Rows of pruned experts kept by a ``skip`` / ``substitute`` / ``merge`` export (experts outside the
+    union of the export's directions) stay active for every direction. An expert of the union that a
+    direction does not use is masked out of its routing, as with ``drop``; under ``skip`` it is instead
+    silenced (``moe.silenced``): routed to as in the unpruned model, contributing nothing, like the
+    pruned experts.
     """
     layers = list(model.moe_layers())
+    for _, _, moe in layers:
+        moe.router.active = None
+        moe.silenced = None
     if src is None:
-        for _, _, moe in layers:
-            moe.router.active = None
         return
     if tgt is None:
         raise ManifestError("set_direction needs both the source and the target language (or None to clear)")
     manifest = getattr(model, "manifest", None)
     if not manifest:
-        for _, _, moe in layers:
-            moe.router.active = None
         return
+    skip = policy_name(manifest) == "skip"
     wanted = direction_experts(manifest, src, tgt)
     for side, layer, moe in layers:
         held = moe.expert_ids
@@ -282,9 +284,10 @@ def set_direction(model: Any, src: Optional[str], tgt: Optional[str] = None) -> 
             )
         if not keep:
             raise ManifestError(f"the manifest gives direction {src}-{tgt} no expert in {side} layer {layer}")
-        if keep == set(held):
-            moe.router.active = None
-        else:
+        if keep != set(held):
             extra = len(moe.router.expert_ids) - len(held)  # rows of pruned experts (policy exports)
-            mask = [e in keep for e in held] + [True] * extra
-            moe.router.active = torch.tensor(mask, dtype=torch.bool, device=moe.router.weight.device)
+            mask = torch.tensor([e in keep for e in held] + [True] * extra, dtype=torch.bool, device=moe.router.weight.device)
+            if skip:  # route over every row, as the unpruned model; the direction's other experts give nothing
+                moe.silenced = ~mask
+            else:
+                moe.router.active = mask

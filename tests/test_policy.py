@@ -531,3 +531,29 @@ def test_skip_is_the_full_model_with_the_pruned_experts_silenced(tmp_path, tiny_
     manifest = read_manifest(out)
     assert manifest["policy"]["name"] == "skip" and "statistics" not in manifest["policy"]
     assert not torch.allclose(logits(skip, tiny_batch), logits(load_model(tiny_hf_dir, dtype="fp32"), tiny_batch), atol=1e-3)
+
+
+def test_multi_direction_skip_silences_what_each_direction_does_not_keep(tmp_path, tiny_hf_dir, index_path, tiny_batch):
+    """In a skip export serving several directions, each direction equals the unpruned model whose experts
+    outside that direction's own set output exactly 0 (union experts included), not a re-routed model."""
+    from pruning.manifest import direction_experts
+
+    out = export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / "skip", directions=parse_directions(langs=list(ef.LANGS)),
+                            dtype=torch.float32, progress=False, policy="skip")
+    skip = load_model(out)
+    silenced_somewhere = False
+    for src, tgt in ((FRA, DEU), (ENG, FRA)):
+        keep = direction_experts(skip.manifest, src, tgt)
+        reference = load_model(tiny_hf_dir, dtype="fp32")
+        with torch.no_grad():
+            for side, layer, moe in reference.moe_layers():
+                for e in sorted(set(range(moe.experts.num_experts)) - set(keep[(side, layer)])):
+                    for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
+                        getattr(moe.experts, name)[e].zero_()
+        skip.set_direction(src, tgt)
+        silenced_somewhere |= any(moe.silenced is not None for *_, moe in skip.moe_layers())
+        assert all(moe.router.active is None for *_, moe in skip.moe_layers()), "skip never masks the routing"
+        torch.testing.assert_close(logits(skip, tiny_batch), logits(reference, tiny_batch), rtol=1e-5, atol=1e-5, msg=f"{src}-{tgt}")
+    assert silenced_somewhere, "the union holds experts a direction does not keep"
+    skip.set_direction(None)
+    assert all(moe.silenced is None for *_, moe in skip.moe_layers())

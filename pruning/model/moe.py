@@ -27,6 +27,7 @@ vectors), hands the dispatch a routing over slots without the constant assignmen
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -325,6 +326,9 @@ class MoeLayer(nn.Module):
         # [R] long: router row -> slot (see the module docstring), or None for a plain layer
         slots = torch.tensor(extra.row_slots(expert_ids), dtype=torch.long) if extra.ids else None
         self.register_buffer("row_slot", slots, persistent=False)
+        # [R] bool or None: rows whose assignments contribute nothing for the current direction (a multi-
+        # direction ``skip`` export: experts of the union that the direction does not keep); set between calls
+        self.silenced: Optional[torch.Tensor] = None
 
     @property
     def expert_ids(self) -> list[int]:
@@ -341,10 +345,11 @@ class MoeLayer(nn.Module):
         token_mask = token_mask_from_attention(attention_mask, batch=batch, seq=seq, device=hidden.device)
         x = hidden.reshape(batch * seq, d_model)  # [T, D]
         routing = self.router(x, token_mask)
+        served = routing if self.silenced is None else silence(routing, self.silenced)
         if self.row_slot is None:
-            out = self.dispatch(x, routing, self.experts)  # [T, D]
+            out = self.dispatch(x, served, self.experts)  # [T, D]
         else:
-            out = self._slot_forward(x, routing)  # [T, D]
+            out = self._slot_forward(x, served)  # [T, D]
         if self.training and self.eom > 0:
             # fairseq's expert output masking: drop a whole token's expert output, no rescaling.
             keep = torch.rand(out.shape[0], 1, device=out.device) >= self.eom
@@ -364,6 +369,12 @@ class MoeLayer(nn.Module):
         weight = routing.weights * (routing.dispatched & constant)  # [T, K] fp32, 0 off the constant assignments
         values = self.constant_outputs[(slot - self.experts.num_experts).clamp(min=0)]  # [T, K, D]
         return out + (values * weight[..., None].to(values.dtype)).sum(dim=1)
+
+
+def silence(routing: Routing, silenced: torch.Tensor) -> Routing:
+    """``routing`` whose assignments to ``silenced`` [R] rows are not dispatched; weights unchanged (not renormalised)."""
+    hit = silenced.to(routing.expert_idx.device)[routing.expert_idx]  # [T, K]
+    return dataclasses.replace(routing, dispatched=routing.dispatched & ~hit)
 
 
 def slot_routing(routing: Routing, row_slot: torch.Tensor, *, num_experts: int) -> tuple[Routing, torch.Tensor]:

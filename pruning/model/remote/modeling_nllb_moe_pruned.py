@@ -94,6 +94,7 @@ class PrunedSparseMLP(nn.Module):
         self.eom = float(config.moe_token_dropout)
         self.capacity_fraction = float(config.moe_eval_capacity_token_fraction)
         self.active: Optional[torch.Tensor] = None  # [rows] bool: the current direction's rows, or None for all
+        self.silenced: Optional[torch.Tensor] = None  # [rows] bool: rows giving nothing to this direction (skip)
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         batch, seq, width = hidden_states.shape
@@ -128,6 +129,9 @@ class PrunedSparseMLP(nn.Module):
         gate_second = probs[rows, second] * accepted_second
         total = (gate_first + gate_second).clamp(min=torch.finfo(torch.float32).eps)
         gate_first, gate_second = gate_first / total, gate_second / total
+        if self.silenced is not None:  # routed as in the unpruned model, but these rows contribute nothing
+            silenced = self.silenced.to(x.device)
+            accepted_first, accepted_second = accepted_first & ~silenced[first], accepted_second & ~silenced[second]
 
         slot = torch.tensor(self.row_slot, dtype=torch.long, device=x.device)
         slot_first, slot_second = slot[first], slot[second]  # [tokens]: which kept expert (or constant) serves each
@@ -190,11 +194,12 @@ class NllbMoePrunedForConditionalGeneration(NllbMoeForConditionalGeneration):
     def set_direction(self, src: Optional[str], tgt: Optional[str] = None) -> None:
         """Route every MoE layer over the experts ``config.pruned_directions`` gives ``src-tgt``; None clears."""
         layers = list(self.pruned_layers())
+        for _, _, moe in layers:
+            moe.active, moe.silenced = None, None
         if src is None:
-            for _, _, moe in layers:
-                moe.active = None
             return
         directions = getattr(self.config, "pruned_directions", None) or {}
+        skip = (getattr(self.config, "pruned_routing", None) or {}).get("policy") == "skip"
         key = f"{src}-{tgt}"
         ids = directions.get(key, directions.get("*"))
         if ids is None:
@@ -209,4 +214,9 @@ class NllbMoePrunedForConditionalGeneration(NllbMoeForConditionalGeneration):
             # rows of pruned experts kept by a substitute/merge export stay active for every direction
             rows = [e in keep for e in moe.expert_ids] + [True] * (len(moe.router_ids) - len(moe.expert_ids))
             mask = torch.tensor(rows, dtype=torch.bool, device=moe.router.classifier.weight.device)
-            moe.active = None if bool(mask.all()) else mask
+            if bool(mask.all()):
+                continue
+            if skip:  # route over every row, as the unpruned model; the direction's other experts give nothing
+                moe.silenced = ~mask
+            else:
+                moe.active = mask
