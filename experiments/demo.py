@@ -1,7 +1,8 @@
 """`make demo`: the whole path on the embedded default model, offline, through the real CLI.
 
     statistics (teacher forcing on dev) -> select (importance, per layer, 3:1, per language)
-    -> export (all testbed languages, one checkpoint) -> translate -> evaluate full vs pruned -> plots
+    -> export (all testbed languages, one checkpoint; pruned experts dropped as in the paper, and
+    skipped: --policy skip) -> translate -> evaluate full vs pruned -> plots
 
 Writes everything under --out and ``experiments/results/demo.json`` (per-direction chrF++ of the full
 and the pruned model, and their off-target rates from the testbed's language identifier
@@ -24,6 +25,8 @@ from pruning.stats.collect import versions
 
 TESTBED = Path("experiments/testbed")
 RESULTS = Path("experiments/results/demo.json")
+COLUMNS = ("full", "pruned", "pruned-skip")
+"""Evaluated models: the unpruned one, the pruned export with dropped experts, the same experts with --policy skip."""
 
 
 def step(number: int, total: int, text: str) -> None:
@@ -97,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     pruned = out / "pruned"
     run_cli("export", "--model", str(model), "--experts", str(experts), "--langs", ",".join(langs), "--out", str(pruned), "--dtype", "bf16")
     run_cli("info", str(pruned))
+    skipped = out / "pruned-skip"  # the same experts; a token routed to a pruned one gets nothing from it
+    run_cli("export", "--model", str(model), "--experts", str(experts), "--langs", ",".join(langs), "--out", str(skipped),
+            "--dtype", "bf16", "--policy", "skip")
 
     step(4, total, "translate a few sentences with the pruned model")
     src, tgt = evaluated[0]
@@ -117,20 +123,22 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--lid", str(lid)]  # off-target rate (the tiny fixture's languages are not the identifier's)
     run_cli("evaluate", "--model", str(model), "--out", str(out / "full.tsv"), *common)
     run_cli("evaluate", "--model", str(pruned), "--out", str(out / "pruned.tsv"), *common, "--compare", str(out / "full.tsv"))
+    run_cli("evaluate", "--model", str(skipped), "--out", str(out / "pruned-skip.tsv"), *common, "--compare", str(out / "full.tsv"))
 
     step(6, total, "plots: expert usage per language, experts kept per layer, language similarity")
     run_cli("plot", "--stats", str(stats), "--experts", str(experts), "--out", str(out / "plots"))
 
     from pruning.evaluate import read_scores
 
-    full, pruned_scores = read_scores(out / "full.tsv"), read_scores(out / "pruned.tsv")
-    rows = {d: {"full": full[d]["chrF++"], "pruned": pruned_scores[d]["chrF++"]} for d in sorted(full)}
-    mean = {k: round(sum(r[k] for r in rows.values()) / len(rows), 2) for k in ("full", "pruned")}
+    scores = {name: read_scores(out / f"{name}.tsv") for name in COLUMNS}
+    rows = {d: {name: scores[name][d]["chrF++"] for name in COLUMNS} for d in sorted(scores["full"])}
+    mean = {name: round(sum(r[name] for r in rows.values()) / len(rows), 2) for name in COLUMNS}
     off_target = {}
     if "--lid" in common:
-        off_target = {k: round(sum(s[d]["off_target"] for d in rows) / len(rows), 2) for k, s in (("full", full), ("pruned", pruned_scores))}
+        off_target = {name: round(sum(scores[name][d]["off_target"] for d in rows) / len(rows), 2) for name in COLUMNS}
     result = {
         "model": str(model), "experts": str(experts), "selection": f"importance, per-layer, 3:1, per language, ratio {ratio}",
+        "columns": {"pruned": "export --policy drop (the paper's)", "pruned-skip": "export --policy skip"},
         "directions": len(rows), "sentences": args.sentences, "beam": 2, "metric": "chrF++ (sacrebleu, word_order=2)",
         "mean_chrf++": mean, "chrf++": rows, "seconds": round(time.time() - started, 1),
         **({"mean_off_target_%": off_target, "lid": str(TESTBED / "lid.json")} if off_target else {}),
@@ -141,12 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     (out / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n{'direction':<22}{'full':>8}{'pruned':>8}{'delta':>8}")
-    for d, r in rows.items():
-        print(f"{d:<22}{r['full']:>8.2f}{r['pruned']:>8.2f}{r['pruned'] - r['full']:>+8.2f}")
-    print(f"{'mean':<22}{mean['full']:>8.2f}{mean['pruned']:>8.2f}{mean['pruned'] - mean['full']:>+8.2f}")
-    if off_target:
-        print(f"{'off-target %':<22}{off_target['full']:>8.2f}{off_target['pruned']:>8.2f}{off_target['pruned'] - off_target['full']:>+8.2f}")
+    print(f"\n{'direction':<22}" + "".join(f"{name:>13}" for name in COLUMNS))
+    for d, r in [*rows.items(), ("mean", mean), *([("off-target %", off_target)] if off_target else [])]:
+        print(f"{d:<22}" + "".join(f"{r[name]:>13.2f}" for name in COLUMNS))
     print(f"\ndemo finished in {result['seconds']} s; outputs in {out}")
     return 0
 

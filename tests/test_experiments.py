@@ -27,6 +27,8 @@ def test_demo_runs_end_to_end_on_the_testbed(tmp_path, monkeypatch):
     assert result["directions"] == 3
     assert result["mean_chrf++"]["full"] > 50  # the testbed translates
     assert (tmp_path / "demo" / "pruned" / "pruning_manifest.json").is_file()
+    assert json.loads((tmp_path / "demo" / "pruned-skip" / "pruning_manifest.json").read_text())["policy"]["name"] == "skip"
+    assert set(result["mean_chrf++"]) == {"full", "pruned", "pruned-skip"}
     assert len(list((tmp_path / "demo" / "plots").glob("*.png"))) >= 3
 
 
