@@ -56,3 +56,19 @@ def tiny_batch(tiny_tokenizer):
     decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], tok.eos_token_id), labels[:, :-1]], dim=1)
     decoder_attention_mask = torch.cat([torch.ones_like(labels_mask[:, :1]), labels_mask[:, :-1]], dim=1).long()
     return {**batch, "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
+
+
+@pytest.fixture(scope="module")
+def topology(tiny_hf_dir):
+    """The tiny fixture's topology, read from its HF-layout checkpoint."""
+    from pruning.checkpoint.reader import open_checkpoint
+
+    return open_checkpoint(tiny_hf_dir).topology
+
+
+@pytest.fixture(scope="module")
+def index_path(tmp_path_factory, topology) -> Path:
+    """A per-language expert index of the tiny fixture (tests/export_fixtures.py)."""
+    from tests import export_fixtures as ef
+
+    return ef.write_lang_index(tmp_path_factory.mktemp("index") / "experts.json", topology)

@@ -28,16 +28,6 @@ def logits(model, batch):
 
 
 @pytest.fixture(scope="module")
-def topology(tiny_hf_dir):
-    return open_checkpoint(tiny_hf_dir).topology
-
-
-@pytest.fixture(scope="module")
-def index_path(tmp_path_factory, topology) -> Path:
-    return ef.write_lang_index(tmp_path_factory.mktemp("index") / "experts.json", topology)
-
-
-@pytest.fixture(scope="module")
 def fra_deu_export(tmp_path_factory, tiny_hf_dir, index_path) -> Path:
     out = tmp_path_factory.mktemp("exports") / "fra-deu"
     return export_checkpoint(tiny_hf_dir, experts=index_path, out=out, directions=[(FRA, DEU)], dtype=torch.bfloat16, progress=False)

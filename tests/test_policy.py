@@ -52,16 +52,6 @@ def synthetic_stats(topology, d_model: int, *, expert_outputs: bool = True, seed
 
 
 @pytest.fixture(scope="module")
-def topology(tiny_hf_dir):
-    return open_checkpoint(tiny_hf_dir).topology
-
-
-@pytest.fixture(scope="module")
-def index_path(tmp_path_factory, topology) -> Path:
-    return ef.write_lang_index(tmp_path_factory.mktemp("index") / "experts.json", topology)
-
-
-@pytest.fixture(scope="module")
 def stats_path(tmp_path_factory, topology, tiny_model) -> Path:
     return synthetic_stats(topology, tiny_model.config.d_model).save(tmp_path_factory.mktemp("stats") / "stats.safetensors")
 
