@@ -60,3 +60,39 @@ def test_routing_specificity_on_constructed_counts():
     # the 2 experts used most overall are x's: they take 90% of x's tokens but only 10% of y's
     assert rows["x"]["shared_top_k"] == pytest.approx(0.9) and rows["y"]["shared_top_k"] == pytest.approx(0.1)
     assert jaccard_of_top_sets({"x": x, "y": y}, k=2) == 0.0
+
+
+def _run(criterion: str, policy: str, share: float, chrf: dict[str, float], off: float = 0.5) -> dict:
+    return {"criterion": criterion, "policy": policy, "pruned_share": share, "chrf++": chrf,
+            "mean_chrf++": sum(chrf.values()) / len(chrf), "mean_off_target": off}
+
+
+def test_beyond_report_pairs_directions_and_names_the_winner(tmp_path):
+    from experiments.beyond import report
+
+    base = _run("importance", "drop", 0.5, {"a-b": 80.0, "b-a": 70.0, "a-c": 60.0})
+    better = _run("mean", "skip", 0.5, {"a-b": 84.0, "b-a": 69.0, "a-c": 65.0})
+    worse = _run("ean", "drop", 0.5, {"a-b": 50.0, "b-a": 40.0, "a-c": 30.0})
+    delta, up, down = report.paired(better, base)
+    assert (round(delta, 6), up, down) == (round((4 - 1 + 5) / 3, 6), 2, 1)
+    configs = report.by_config([base, better, worse, {**_run("full", "full", 0.0, {"a-b": 90.0}), "policy": "full"}])
+    assert set(configs) == {("importance", "drop", 0.5), ("mean", "skip", 0.5), ("ean", "drop", 0.5)}
+    (line,) = report.winners(configs, [0.5])
+    assert "**mean + skip**" in line and "+2.67" in line and "better in 2, worse in 1 of 3" in line
+    table = report.chrf_table(configs, policy="drop", shares=[0.5], criteria=["importance", "ean"])
+    assert "| ean | 40.0 (-30.0) / 0.5% |" in table
+    alone = report.by_config([base])
+    assert report.winners(alone, [0.5]) == ["- 50.0% pruned: the paper's importance + drop is best (70.00 chrF++)."]
+
+
+def test_beyond_grid_covers_full_then_every_plan_policy_criterion():
+    from omegaconf import OmegaConf
+
+    from experiments.beyond.study import grid, run_name
+
+    cfg = OmegaConf.create({"plans": [{"keep": 32, "enc_keep": 24}, {"keep": 6, "enc_keep": 4}],
+                            "policies": ["drop", "skip"], "criteria": ["importance", "mean", "random"]})
+    configs = grid(cfg)
+    names = [run_name(c) for c in configs]
+    assert names[0] == "full" and len(names) == 1 + 2 * 2 * 3 == len(set(names))
+    assert "mean-skip-keep6" in names and configs[names.index("mean-skip-keep6")]["enc_keep"] == 4
