@@ -520,6 +520,14 @@ def test_skip_is_the_full_model_with_the_pruned_experts_silenced(tmp_path, tiny_
     torch.testing.assert_close(logits(skip, tiny_batch), logits(silenced, tiny_batch), rtol=1e-5, atol=1e-5)
     manifest = read_manifest(out)
     assert manifest["policy"]["name"] == "skip" and "statistics" not in manifest["policy"]
+    # the in-memory model the studies use (plan_policy + apply_policy, no statistics) is the export
+    from pruning.export import plan_export
+
+    full = load_model(tiny_hf_dir, dtype="fp32")
+    union = plan_export(read_index(index_path), full.topology, [(FRA, DEU)]).union
+    plan = plan_policy("skip", union=union, stats=None, directions=[f"{FRA}-{DEU}"], topology=full.topology,
+                       router=lambda side, layer: full.moe_layer(side, layer).router.weight.detach())
+    torch.testing.assert_close(logits(apply_policy(full, plan), tiny_batch), logits(skip, tiny_batch), rtol=1e-6, atol=1e-6)
     assert not torch.allclose(logits(skip, tiny_batch), logits(load_model(tiny_hf_dir, dtype="fp32"), tiny_batch), atol=1e-3)
 
 
