@@ -50,7 +50,7 @@ def random_index(selected: ExpertIndex, topology: Topology, *, seed: int) -> Exp
 def select_index(stats: RoutingStats, cfg: DictConfig, *, criterion: str, keep: int, enc_keep: int, topology: Topology) -> ExpertIndex:
     """Per-language experts by ``criterion`` (``random``: the importance counts, random experts)."""
     metric = "importance" if criterion == "random" else criterion
-    options = SelectOptions(metric=metric, keep=keep, enc_keep=enc_keep, min_per_layer=1, granularity="lang", aggregate=cfg.aggregate)
+    options = SelectOptions(metric=metric, keep=keep, enc_keep=enc_keep, min_per_layer=1, granularity=cfg.granularity, aggregate=cfg.aggregate)
     if needs_router_rows(metric):  # data-free: the model's router rows, no statistics
         options.router_model = hydra.utils.to_absolute_path(cfg.model)
     options.validate()
@@ -179,7 +179,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         hyps = row.pop("hypotheses")
         row.update({
             "directions": len(directions), "max_sentences": cfg.max_sentences, "beam": cfg.beam, "split": cfg.split,
-            "aggregate": cfg.aggregate, "model": cfg.model, "stats": cfg.stats, "lid": cfg.lid if lid is not None else None,
+            "aggregate": cfg.aggregate, "granularity": cfg.granularity, "model": cfg.model, "stats": cfg.stats, "lid": cfg.lid if lid is not None else None,
             "seed": cfg.seed, "versions": versions(), "device": f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
