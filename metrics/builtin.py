@@ -32,7 +32,7 @@ def _per_token(c: Counters, name: str) -> torch.Tensor:
     return c[name] / c["tokens"][:, None]  # [L, E] / [L, 1]
 
 
-def _per_choice(c: Counters, total: str, count: str) -> torch.Tensor:
+def mean_where_counted(c: Counters, total: str, count: str) -> torch.Tensor:
     """``c[total] / c[count]`` where ``c[count] > 0``, else 0."""
     n = c[count]
     return torch.where(n > 0, c[total] / n.clamp(min=1e-300), torch.zeros_like(n))
@@ -72,13 +72,13 @@ def rank(c: Counters) -> torch.Tensor:
 @register_metric("conf1")
 def conf1(c: Counters) -> torch.Tensor:
     """Average gate probability over the tokens where the expert is 1st (0 if never)."""
-    return _per_choice(c, "conf1", "top1")
+    return mean_where_counted(c, "conf1", "top1")
 
 
 @register_metric("conf2")
 def conf2(c: Counters) -> torch.Tensor:
     """Average gate probability over the tokens where the expert is 2nd (0 if never)."""
-    return _per_choice(c, "conf2", "top2")
+    return mean_where_counted(c, "conf2", "top2")
 
 
 @register_metric("importance")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from metrics.builtin import topk
+from metrics.builtin import mean_where_counted, topk
 from metrics.registry import Counters, MetricError, register_metric
 
 OUTPUT_METRICS = frozenset({"ean", "reap", "man", "msan", "output_variance"})
@@ -49,8 +49,7 @@ def _need(c: Counters, *names: str) -> None:
 def _per_routed(c: Counters, name: str) -> torch.Tensor:
     """``c[name] / routed`` per expert [L, E], 0 where the expert got no token."""
     _need(c, "routed", name)
-    n = c["routed"]
-    return torch.where(n > 0, c[name] / n.clamp(min=1e-300), torch.zeros_like(n))
+    return mean_where_counted(c, name, "routed")
 
 
 @register_metric("frequency")
