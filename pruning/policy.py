@@ -172,7 +172,7 @@ def plan_policy(
     if name not in POLICIES or name == DROP:
         raise PolicyError(f"plan_policy is for {', '.join(POLICIES[1:])}, got {name!r}")
     if name == SKIP:
-        return _plan_skip(union, topology=topology, router=router)
+        return _plan_skip(union, topology=topology)
     what = f"statistics file {stats_info.get('file')}" if stats_info and stats_info.get("file") else "the statistics"
     topology.check_same_routing(stats.topology, what=what)
     counters, used = served_counters(stats, directions, what=what)
@@ -207,12 +207,11 @@ def plan_policy(
     return PolicyPlan(name, layers, record)
 
 
-def _plan_skip(union: LayerExperts, *, topology: Topology, router: RouterRows) -> PolicyPlan:
-    """``skip``: substitute layers whose vectors are zeros (no statistics)."""
+def _plan_skip(union: LayerExperts, *, topology: Topology) -> PolicyPlan:
+    """``skip``: substitute layers whose vectors are zeros (no statistics, no router read)."""
     layers: dict[tuple[Side, int], LayerPolicy] = {}
+    zeros = torch.zeros(topology.num_experts, topology.d_model, dtype=torch.float64)  # [E, D]
     for _, side, layer in topology.iter_moe_layers():
-        d_model = router(side, layer).shape[1]
-        zeros = torch.zeros(topology.num_experts, d_model, dtype=torch.float64)  # [E, D]
         lp = substitute_layer(sorted(union[(side, layer)]), routed=torch.zeros(topology.num_experts), out_sum=zeros, num_experts=topology.num_experts)
         lp.record = {"rows": lp.record["rows"], "to": lp.record["to"]}
         layers[(side, layer)] = lp

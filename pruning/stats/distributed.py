@@ -59,19 +59,18 @@ class Context:
         return self.world > 1
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The element-wise sum over every process (returned on the CPU-or-device of ``tensor``)."""
-        if not self.distributed:
-            return tensor
-        tensor = tensor.to(self._collective_device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
+        """The element-wise sum over every process (returned on the collective device)."""
+        return self._all_reduce(tensor, dist.ReduceOp.SUM)
 
     def all_reduce_peak(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise maximum over every process (for counters that merge by maximum)."""
+        return self._all_reduce(tensor, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, tensor: torch.Tensor, op: Any) -> torch.Tensor:
         if not self.distributed:
             return tensor
         tensor = tensor.to(self._collective_device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=op)
         return tensor
 
     def all_reduce_max(self, value: int) -> int:
