@@ -117,3 +117,18 @@ def assert_counters_close(
 def triangular(n: int) -> float:
     return n * (n + 1) / 2
 
+
+
+def forward_observed(model: Any, batch: dict[str, torch.Tensor], **collector_options: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``(plain logits, logits with a RoutingCollector on, its counters)`` of one batch (the collector is closed)."""
+    from pruning.stats.collect import RoutingCollector
+
+    with torch.no_grad():
+        plain = model(**batch, use_cache=False).logits
+        collector = RoutingCollector(model, num_experts=model.topology.num_experts, **collector_options)
+        try:
+            observed = model(**batch, use_cache=False).logits
+            counters = collector.take()
+        finally:
+            collector.close()
+    return plain, observed, counters

@@ -16,7 +16,7 @@ from pruning.stats import collect
 from pruning.stats.collect import RoutingCollector, StatsOptions, collect_statistics, decoder_inputs, routing_counters
 from pruning.stats.counters import RoutingStats, StatsError
 from pruning.topology import Topology
-from tests.stats_fixtures import LANGS, assert_counters_close, make_flores, reference_counters, triangular
+from tests.stats_fixtures import LANGS, assert_counters_close, forward_observed, make_flores, reference_counters, triangular
 
 FRA, DEU, ENG = LANGS
 
@@ -166,14 +166,7 @@ def test_counters_of_a_layer_with_inactive_experts():
 
 # ---- the model's outputs ------------------------------------------------------------------------
 def test_collection_does_not_change_outputs(model, tiny_batch):
-    with torch.no_grad():
-        plain = model(**tiny_batch, use_cache=False).logits
-        collector = RoutingCollector(model, num_experts=model.topology.num_experts)
-        try:
-            observed = model(**tiny_batch, use_cache=False).logits
-            counters = collector.take()
-        finally:
-            collector.close()
+    plain, observed, counters = forward_observed(model, tiny_batch)
     assert torch.equal(plain, observed)
     assert float(counters["enc"]["tokens"][0]) == float(tiny_batch["attention_mask"].sum())
 

@@ -12,7 +12,7 @@ from pruning.model.moe import sorted_loop_dispatch
 from pruning.stats.collect import RoutingCollector, StatsOptions, collect_statistics
 from pruning.stats.counters import RoutingStats
 from pruning.stats.outputs import ALL_OUTPUT_COUNTERS, GATE_RATIO_BINS
-from tests.stats_fixtures import LANGS, make_flores
+from tests.stats_fixtures import LANGS, forward_observed, make_flores
 
 FRA, DEU, ENG = LANGS
 
@@ -122,14 +122,7 @@ def test_counters_equal_a_plain_loop_over_routed_tokens(tiny_hf_dir, tiny_batch,
 def test_layer_outputs_are_bit_identical_with_the_option(tiny_hf_dir, tiny_batch, dispatch):
     model = load_model(tiny_hf_dir, dispatch=dispatch)
     own = [moe.dispatch for _, _, moe in model.moe_layers()]
-    with torch.no_grad():
-        plain = model(**tiny_batch, use_cache=False).logits
-        collector = RoutingCollector(model, num_experts=model.topology.num_experts, expert_outputs=True)
-        try:
-            observed = model(**tiny_batch, use_cache=False).logits
-            counters = collector.take()
-        finally:
-            collector.close()
+    plain, observed, counters = forward_observed(model, tiny_batch, expert_outputs=True)
     assert torch.equal(plain, observed)
     assert float(counters["enc"]["routed"].sum()) > 0
     assert [moe.dispatch for _, _, moe in model.moe_layers()] == own  # close() puts the layer's dispatch back
