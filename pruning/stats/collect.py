@@ -740,6 +740,8 @@ def _collect_rounds(
     show = options.progress and ctx.is_main
     layout = chunk_layout(collector) if options.chunk_size else None
     chunk_ids = options.chunk_ids(flores.num_lines(options.split)) if options.chunk_size else range(0)
+    tail = num_chunk_values(layout, len(chunk_ids)) if layout is not None else 0  # chunk values after the counters
+    peaks = collector.peak_positions()  # the layout of flat() is fixed: find the max-merged positions once
     bar = tqdm(total=len(todo), desc="directions", unit="dir", disable=not show)
     for start in range(0, len(todo), ctx.dp_size):
         round_dirs = todo[start : start + ctx.dp_size]  # one direction per data-parallel group
@@ -751,11 +753,10 @@ def _collect_rounds(
         table = flat.new_zeros(len(round_dirs), flat.shape[0])
         if mine is not None:
             table[ctx.dp_rank] = flat
-        table = reduce_counters(ctx, collector, table)
+        table = reduce_counters(ctx, table, peaks=peaks)
         if ctx.is_main:
             assert stats is not None
             for direction, row in zip(round_dirs, table):
-                tail = num_chunk_values(layout, len(chunk_ids)) if layout is not None else 0
                 counters = collector.unflatten(row[: row.shape[0] - tail - 1])
                 if layout is not None:
                     chunks = chunks_from_flat(layout, row[row.shape[0] - tail :], ids=chunk_ids)
@@ -772,9 +773,10 @@ def _collect_rounds(
     bar.close()
 
 
-def reduce_counters(ctx: Any, collector: RoutingCollector, table: torch.Tensor) -> torch.Tensor:
-    """``table`` [rows, flat] summed over every process, except ``max_abs``: its maximum (expert-parallel ranks share a direction)."""
-    peaks = collector.peak_positions().to(table.device)
+def reduce_counters(ctx: Any, table: torch.Tensor, *, peaks: torch.Tensor) -> torch.Tensor:
+    """``table`` [rows, flat] summed over every process, except at ``peaks`` [M] (``max_abs``,
+    :meth:`RoutingCollector.peak_positions`): their maximum (expert-parallel ranks share a direction)."""
+    peaks = peaks.to(table.device)
     if len(peaks):
         highest = ctx.all_reduce_peak(table[:, peaks].contiguous())
     table = ctx.all_reduce_sum(table)
