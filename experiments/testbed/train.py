@@ -39,13 +39,13 @@ from pruning.model.moe import MoeLayer, Routing
 class TrainConfig:
     data: str = field(default="experiments/testbed/data", metadata={"help": "corpus directory"})
     tokenizer: str = field(default="experiments/testbed/data/tokenizer", metadata={"help": "tokenizer directory"})
-    out: str = field(default="outputs/testbed-train", metadata={"help": "checkpoints and logs"})
-    model_out: str = field(default="experiments/testbed/model", metadata={"help": "final HF-layout model"})
+    out: str = field(default="outputs/testbed128-train", metadata={"help": "checkpoints and logs (outside git)"})
+    model_out: str = field(default="experiments/testbed/model128", metadata={"help": "final HF-layout model"})
     d_model: int = 128
-    ffn: int = 256
+    ffn: int = field(default=64, metadata={"help": "FFN width of every expert (and of dense FFNs, if any)"})
     layers: int = 4
-    sparse_step: int = 2
-    experts: int = 16
+    sparse_step: int = field(default=1, metadata={"help": "every N-th layer is MoE; 1: every layer (no dense FFN)"})
+    experts: int = 128
     heads: int = 4
     dropout: float = 0.1
     eom: float = 0.2
@@ -191,6 +191,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
+class experts_silenced:
+    """Context: every MoE layer adds nothing (eval output x (1 - eom) with eom = 1): the no-expert floor."""
+
+    def __init__(self, model: NllbMoeForPruning):
+        self.layers = [moe for _, _, moe in model.moe_layers()]
+
+    def __enter__(self) -> None:
+        self.saved = [moe.eom for moe in self.layers]
+        for moe in self.layers:
+            moe.eom = 1.0
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        for moe, eom in zip(self.layers, self.saved):
+            moe.eom = eom
+
+
 def quick_chrf(model: NllbMoeForPruning, tokenizer, cfg: TrainConfig, directions: list[tuple[str, str]]) -> dict[str, float]:  # noqa: ANN001
     import sacrebleu
 
@@ -274,8 +290,11 @@ def train(cfg: TrainConfig) -> Path:
             log.flush()
         if cfg.eval_every and step % cfg.eval_every == 0:
             scores = quick_chrf(model, tokenizer, cfg, eval_dirs)
+            with experts_silenced(model):
+                floor = quick_chrf(model, tokenizer, cfg, eval_dirs)
             record = {"step": step, "minutes": round((time.time() - started) / 60, 2), "chrf++": scores,
-                      "mean_chrf++": round(sum(scores.values()) / len(scores), 2)}
+                      "mean_chrf++": round(sum(scores.values()) / len(scores), 2),
+                      "floor_chrf++": round(sum(floor.values()) / len(floor), 2)}
             print(json.dumps(record), flush=True)
             log.write(json.dumps(record) + "\n")
             log.flush()
