@@ -29,10 +29,12 @@ Determinism: tensors are written in a fixed order of their canonical names (natu
 before layer 11), the config carries no source path and the manifest nothing layout-specific, so
 the same index exported from the fairseq and the HF layout of one model gives byte-identical files.
 
-Memory: pruned experts are never read (skipped before loading). The writer holds at most one output
-shard (``max_shard_bytes``, default 4 GiB, below the largest input file of either released layout)
-plus the tensor being copied: peak memory is bounded by the shard size and the largest tensor, never
-by the model. The output is written to a temporary sibling directory and renamed when complete.
+Memory: pruned experts are never read (skipped before loading). Every output tensor's name, shape and
+dtype is known before the first is loaded, so each shard's header is written first and each tensor
+goes to disk as soon as it is produced (:class:`~pruning.checkpoint.writer.ShardWriter`); source
+tensors are mapped from their files, not copied. Peak anonymous memory is the tensor being cast (and
+a merge's running sum), whatever the shard size (``max_shard_bytes``, default 4 GiB). The output is
+written to a temporary sibling directory and renamed when complete.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import torch
 from pruning.checkpoint import keymap
 from pruning.checkpoint.convert import copy_tokenizer, stream_entries, write_config
 from pruning.checkpoint.reader import CheckpointReader, Entry, open_checkpoint
-from pruning.checkpoint.writer import DEFAULT_SHARD_BYTES, ShardWriter, atomic_directory
+from pruning.checkpoint.writer import DEFAULT_SHARD_BYTES, atomic_directory
 from pruning.data.languages import check_code_form
 from pruning.errors import UserError
 from pruning.index import ExpertIndex, LayerExperts, experts_for_direction, read_index, validate_index, write_index
@@ -318,9 +320,14 @@ def export_checkpoint(
         return merge_tensor(parts())
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, max_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
-        stream_entries(_ordered(_with_constants(reader, policy_plan)), writer, dtype=target_dtype, transform=transform, skip=skip, progress=progress, desc="exporting")
-        shards = writer.close()
+        def output_shape(entry: Entry) -> tuple[int, ...]:
+            router = keymap.parse_router_key(entry.name)
+            return (len(rows[router]), *entry.tensor.shape[1:]) if router is not None else tuple(entry.tensor.shape)
+
+        shards = stream_entries(
+            _ordered(_with_constants(reader, policy_plan)), tmp, dtype=target_dtype, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
+            transform=transform, output_shape=output_shape, skip=skip, progress=progress, desc="exporting",
+        )
         directions_ids = {key: plan.global_ids(key) for key in plan.directions}
         remote = {
             "auto_map": AUTO_MAP,

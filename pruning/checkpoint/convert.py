@@ -12,47 +12,58 @@ from tqdm.auto import tqdm
 from pruning.checkpoint import keymap
 from pruning.checkpoint.reader import TOKENIZER_FILES, CheckpointReader, Entry, open_checkpoint
 from pruning.checkpoint.torch_zip import CheckpointError
-from pruning.checkpoint.writer import ShardWriter, atomic_directory, write_json
+from pruning.checkpoint.writer import DEFAULT_SHARD_BYTES, ShardWriter, TensorSpec, atomic_directory, write_json
 
 TOKENIZER_SIDE_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json")
 
-# (entry) -> tensor to write under entry.name, or None to skip the entry
-EntryTransform = Callable[[Entry, torch.Tensor], Optional[torch.Tensor]]
+# (entry, loaded tensor) -> the tensor to write under entry.name
+EntryTransform = Callable[[Entry, torch.Tensor], torch.Tensor]
+
+
+def storage_dtype(name: str, source: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype ``name`` is stored in: routers stay fp32 (routing never depends on the dtype), others ``dtype``."""
+    if keymap.parse_router_key(name) is not None:
+        return torch.float32
+    if dtype is None or not source.is_floating_point:
+        return source
+    return dtype
 
 
 def cast_for_storage(name: str, tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """Cast to ``dtype``, except routers, which stay fp32 so that routing never depends on the dtype."""
-    if keymap.parse_router_key(name) is not None:
-        return tensor.float()
-    if dtype is None or not tensor.is_floating_point():
-        return tensor
-    return tensor.to(dtype)
+    """Cast to ``dtype``, except routers, which stay fp32 (see :func:`storage_dtype`)."""
+    return tensor.to(storage_dtype(name, tensor.dtype, dtype))
 
 
 def stream_entries(
     reader: CheckpointReader,
-    writer: ShardWriter,
+    directory: Path,
     *,
     dtype: Optional[torch.dtype],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     transform: Optional[EntryTransform] = None,
+    output_shape: Optional[Callable[[Entry], tuple[int, ...]]] = None,
     skip: Optional[Callable[[Entry], bool]] = None,
     progress: bool = True,
     desc: str = "writing",
-) -> int:
-    """Copy reader -> writer one tensor at a time; returns the number of tensors written."""
-    written = 0
-    for entry in tqdm(list(reader.entries()), desc=desc, unit="tensor", disable=not progress):
-        if skip is not None and skip(entry):
-            continue  # never loaded
+) -> list[Path]:
+    """Copy reader -> safetensors shards in ``directory`` one tensor at a time; returns the shard paths.
+
+    ``skip``ped entries are never loaded. ``output_shape`` gives the shape ``transform`` will return
+    (default: the entry's), so that every shard header is known before the first tensor is loaded.
+    """
+    entries = [entry for entry in reader.entries() if skip is None or not skip(entry)]
+    specs = [
+        TensorSpec(entry.name, tuple(output_shape(entry) if output_shape else entry.tensor.shape), storage_dtype(entry.name, entry.tensor.dtype, dtype))
+        for entry in entries
+    ]
+    writer = ShardWriter(directory, specs, max_bytes=max_shard_bytes)
+    for entry in tqdm(entries, desc=desc, unit="tensor", disable=not progress):
         tensor = entry.tensor.load()
         if transform is not None:
             tensor = transform(entry, tensor)
-            if tensor is None:
-                continue
         writer.add(entry.name, cast_for_storage(entry.name, tensor, dtype))
-        written += 1
         del tensor
-    return written
+    return writer.close()
 
 
 def write_config(config: Any, directory: Path, *, dtype: Optional[torch.dtype], extra: Optional[dict[str, Any]] = None) -> None:
@@ -96,9 +107,7 @@ def convert_checkpoint(
     if Path(src).resolve() == out.resolve():
         raise CheckpointError(f"--out {out} is the source checkpoint itself")
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, **({"max_bytes": max_shard_bytes} if max_shard_bytes else {}))
-        stream_entries(reader, writer, dtype=dtype, progress=progress, desc="converting")
-        writer.close()
+        stream_entries(reader, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, progress=progress, desc="converting")
         write_config(reader.config, tmp, dtype=dtype or reader.dtype)
         copy_tokenizer(reader, tmp)
     return out

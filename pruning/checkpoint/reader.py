@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, Iterator, Optional, Protocol, Union
 import torch
 
 from pruning.checkpoint import keymap
-from pruning.checkpoint.torch_zip import CheckpointError, LazyTensor, find_in_opaque, read_pickle
+from pruning.checkpoint.torch_zip import CheckpointError, LazyTensor, find_in_opaque, map_bytes, read_pickle
 from pruning.topology import Topology
 
 HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -56,18 +57,36 @@ class SafetensorsTensor:
     dtype: torch.dtype
 
     def load(self) -> torch.Tensor:
+        """The tensor, mapped from the file (no copy, no anonymous memory until written to)."""
+        stamp = _file_stamp(self.path)
+        start, stop = _safetensors_offsets(str(self.path), stamp).get(self.key, (None, None))
+        nbytes = _numel(self.shape) * self.dtype.itemsize
+        if start is None or stop - start != nbytes:
+            raise CheckpointError(f"{self.path}: tensor {self.key!r} is not in the file's header as {self.dtype} {list(self.shape)}")
+        if stop > stamp[1]:
+            raise CheckpointError(f"{self.path}: tensor {self.key!r} ends past the end of the file (truncated?)")
+        if nbytes == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return map_bytes(self.path, start, nbytes).view(self.dtype).reshape(self.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _safetensors_offsets(path: str, stamp: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """name -> absolute [start, stop) byte range of each tensor, from the file's header (parsed once per file)."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > stamp[1]:
+            raise CheckpointError(f"{path}: safetensors header length {length} exceeds the file size {stamp[1]}")
         try:
-            return _safetensors_handle(str(self.path), _file_stamp(self.path)).get_tensor(self.key)
-        except Exception as exc:  # safetensors' own error types
-            raise CheckpointError(f"{self.path}: cannot read tensor {self.key!r} ({exc})") from exc
-
-
-@functools.lru_cache(maxsize=8)
-def _safetensors_handle(path: str, stamp: tuple[int, int]):  # noqa: ANN202 - safetensors handle
-    """Open handles are reused: re-parsing a shard's header for every tensor costs milliseconds each."""
-    from safetensors import safe_open
-
-    return safe_open(path, framework="pt")
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: malformed safetensors header ({exc})") from exc
+    base = 8 + length
+    return {key: (base + int(value["data_offsets"][0]), base + int(value["data_offsets"][1]))
+            for key, value in header.items() if key != "__metadata__"}
 
 
 def _file_stamp(path: Path) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import functools
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,17 +102,64 @@ class LazyTensor:
         return self.numel() * self.dtype.itemsize
 
     def load(self) -> torch.Tensor:
+        """The tensor, its bytes mapped from the file (no copy; pages count as file-backed, not anonymous memory).
+
+        Storages of compressed members (never written by ``torch.save``) are read into memory instead.
+        """
         member = f"{self.storage.archive_name}/data/{self.storage.key}"
+        expected = self.storage.numel * self.storage.dtype.itemsize
         try:
             stat = self.path.stat()
-            raw = _open_zip(str(self.path), (stat.st_mtime_ns, stat.st_size)).read(member)
+            archive = _open_zip(str(self.path), (stat.st_mtime_ns, stat.st_size))
+            info = archive.getinfo(member)
+            if info.file_size != expected:
+                raise CheckpointError(f"{self.path}: storage {member!r} has {info.file_size} bytes, expected {expected}")
+            if info.compress_type == zipfile.ZIP_STORED:
+                start = _member_data_offset(str(self.path), (stat.st_mtime_ns, stat.st_size), member)
+                if start + expected > stat.st_size:
+                    raise CheckpointError(f"{self.path}: storage {member!r} ends past the end of the file (truncated?)")
+                flat = map_bytes(self.path, start, expected).view(self.storage.dtype) if expected else torch.empty(0, dtype=self.storage.dtype)
+            else:
+                raw = archive.read(member)
+                flat = torch.frombuffer(bytearray(raw), dtype=self.storage.dtype) if raw else torch.empty(0, dtype=self.storage.dtype)
         except (zipfile.BadZipFile, KeyError, OSError, EOFError) as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor storage {member!r} ({exc})") from exc
-        expected = self.storage.numel * self.storage.dtype.itemsize
-        if len(raw) != expected:
-            raise CheckpointError(f"{self.path}: storage {member!r} has {len(raw)} bytes, expected {expected}")
-        flat = torch.frombuffer(bytearray(raw), dtype=self.storage.dtype) if raw else torch.empty(0, dtype=self.storage.dtype)
-        return torch.as_strided(flat, self.shape, self.stride, self.offset).clone()
+        return torch.as_strided(flat, self.shape, self.stride, self.offset)
+
+
+_SMALL_READ_BYTES = 1 << 20
+"""Below this, a tensor is read into memory: mapping many tiny tensors costs more than copying them."""
+
+
+def map_bytes(path: Path, start: int, nbytes: int) -> torch.Tensor:
+    """uint8 [nbytes]: bytes ``start .. start+nbytes`` of ``path``, copy-on-write mapped (read into memory when small).
+
+    A mapped tensor costs no anonymous memory until written to; copying it into a model parameter or a
+    cast reads the pages straight from the page cache.
+    """
+    import numpy as np
+
+    if nbytes < _SMALL_READ_BYTES:
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            raw = handle.read(nbytes)
+        if len(raw) != nbytes:
+            raise CheckpointError(f"{path}: expected {nbytes} bytes at offset {start}, the file ends after {len(raw)} (truncated?)")
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=start, shape=(nbytes,)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _member_data_offset(path: str, stamp: tuple[int, int], member: str) -> int:
+    """Absolute offset of a stored member's data: its local header's fixed 30 bytes, name and extra field."""
+    info = _open_zip(path, stamp).getinfo(member)
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        header = handle.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"no local file header for {member!r} at offset {info.header_offset}")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length
 
 
 @functools.lru_cache(maxsize=8)

@@ -2,17 +2,20 @@
 
 :func:`atomic_directory` gives a temporary sibling directory that is renamed to the destination only
 when everything inside was written; on any error (disk full, Ctrl-C) it is removed, so a reader never
-sees a partial checkpoint. :class:`ShardWriter` streams tensors into shards of bounded size.
+sees a partial checkpoint. :class:`ShardWriter` streams tensors into shards of bounded size, writing each tensor as it comes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator, Optional, Sequence
 
 import torch
 
@@ -52,58 +55,120 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-class ShardWriter:
-    """Stream named tensors into ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``max_bytes``.
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
-    Holds at most one shard's tensors in memory. With a single shard the file is ``model.safetensors``
-    and no index is written.
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What will be written under ``name``: known before any byte of the tensor is."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class ShardWriter:
+    """Stream tensors straight into ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``max_bytes``.
+
+    Every tensor's name, shape and dtype are given up front (``specs``, in writing order), so each shard's
+    safetensors header is written before its first tensor and every :meth:`add` writes the tensor's bytes
+    at once: nothing is buffered, whatever the shard size. Memory is the tensor being written (and its
+    cast), never a shard. With a single shard the file is ``model.safetensors`` and no index is written.
     """
 
-    def __init__(self, directory: str | Path, *, max_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(self, directory: str | Path, specs: Sequence[TensorSpec], *, max_bytes: int = DEFAULT_SHARD_BYTES):
         self.directory = Path(directory)
-        self.max_bytes = max_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise CheckpointError(f"tensor(s) {twice[:5]} would be written twice")
+        if not specs:
+            raise CheckpointError("no tensors were written")
+        self._shards = _plan_shards(list(specs), max_bytes)
+        self._paths = _shard_names(self.directory, len(self._shards))
+        self._next = 0  # index into the flat order of specs
+        self._order = [(i, spec) for i, shard in enumerate(self._shards) for spec in shard]
+        self._handle: Optional[BinaryIO] = None
+        self._open_shard = -1
+        self.total_bytes = sum(spec.nbytes for spec in specs)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._shards):
-            raise CheckpointError(f"tensor {name!r} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
+        """Write the next tensor; it must match the next spec (name, shape and dtype)."""
+        if self._next >= len(self._order):
+            raise CheckpointError(f"tensor {name!r} was not announced to the writer (all {len(self._order)} written)")
+        shard, spec = self._order[self._next]
+        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise CheckpointError(
+                f"writer expected {spec.name} {spec.dtype} {list(spec.shape)} next, got {name} {tensor.dtype} {list(tensor.shape)}"
+            )
+        if shard != self._open_shard:
+            self._start_shard(shard)
+        assert self._handle is not None
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] != shard:
+            self._finish_shard()
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
+    def _start_shard(self, shard: int) -> None:
+        self._finish_shard()
+        self._handle = open(self._paths[shard], "wb")
+        self._handle.write(safetensors_header(self._shards[shard]))
+        self._open_shard = shard
 
-        if not self._pending:
-            return
-        path = self.directory / f"shard-{len(self._shards) + 1:05d}.safetensors.partial"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending = {}
-        self._pending_bytes = 0
+    def _finish_shard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
     def close(self) -> list[Path]:
-        """Flush, give shards their final names, write the index; returns the shard paths."""
-        self._flush()
-        if not self._shards:
-            raise CheckpointError("no tensors were written")
-        if len(self._shards) == 1:
-            final = self.directory / "model.safetensors"
-            os.replace(self._shards[0][0], final)
-            return [final]
-        count = len(self._shards)
-        weight_map: dict[str, str] = {}
-        finals = []
-        for i, (path, names) in enumerate(self._shards, start=1):
-            final = self.directory / f"model-{i:05d}-of-{count:05d}.safetensors"
-            os.replace(path, final)
-            finals.append(final)
-            weight_map.update({n: final.name for n in names})
-        write_json(self.directory / "model.safetensors.index.json", {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
-        return finals
+        """Check every announced tensor was written, write the index (several shards); returns the shard paths."""
+        self._finish_shard()
+        if self._next != len(self._order):
+            missing = [spec.name for _, spec in self._order[self._next :]]
+            raise CheckpointError(f"{len(missing)} announced tensor(s) were never written: {missing[:5]}")
+        if len(self._paths) > 1:
+            weight_map = {spec.name: self._paths[i].name for i, spec in self._order}
+            write_json(self.directory / "model.safetensors.index.json", {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        return list(self._paths)
+
+
+def safetensors_header(specs: Sequence[TensorSpec]) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file holding ``specs`` back to back, in order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        if spec.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {spec.name}: dtype {spec.dtype} cannot be stored in safetensors")
+        header[spec.name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 bytes
+    return struct.pack("<Q", len(text)) + text
+
+
+def _plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive specs, a new shard whenever the next tensor would push the current one past ``max_bytes``."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _shard_names(directory: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [directory / "model.safetensors"]
+    return [directory / f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]

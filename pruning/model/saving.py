@@ -8,8 +8,8 @@ from typing import Iterator, Optional
 import torch
 
 from pruning.checkpoint import keymap
-from pruning.checkpoint.convert import cast_for_storage, write_config
-from pruning.checkpoint.writer import ShardWriter, atomic_directory
+from pruning.checkpoint.convert import cast_for_storage, storage_dtype, write_config
+from pruning.checkpoint.writer import DEFAULT_SHARD_BYTES, ShardWriter, TensorSpec, atomic_directory
 from pruning.model.build import NllbMoeForPruning
 
 
@@ -40,9 +40,11 @@ def save_model(
 ) -> Path:
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, **({"max_bytes": max_shard_bytes} if max_shard_bytes else {}))
-        for name, tensor in canonical_tensors(model):
-            writer.add(name, cast_for_storage(name, tensor, dtype).clone())
+        tensors = list(canonical_tensors(model))
+        specs = [TensorSpec(name, tuple(t.shape), storage_dtype(name, t.dtype, dtype)) for name, t in tensors]
+        writer = ShardWriter(tmp, specs, max_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
+        for name, tensor in tensors:
+            writer.add(name, cast_for_storage(name, tensor, dtype))
         writer.close()
         write_config(model.config, tmp, dtype=dtype or model.model.shared.weight.dtype)
         tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
