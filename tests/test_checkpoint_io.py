@@ -93,3 +93,25 @@ def test_torch_save_tensors_load_mapped_and_equal(tmp_path):
     state = read_pickle(path)["model"]
     for name, tensor in tensors.items():
         assert torch.equal(state[name].load(), tensor), name
+
+
+@pytest.mark.parametrize("zip64_from", [2**31, 1])
+def test_streamed_torch_zip_loads_with_torch_mapped_and_with_our_reader(tmp_path, monkeypatch, zip64_from):
+    from pruning.checkpoint import torch_zip
+    from pruning.checkpoint.torch_zip import TensorPlaceholder, TorchZipWriter
+
+    monkeypatch.setattr(torch_zip, "_ZIP64_RECORD_BYTES", zip64_from)
+    tensors = _tensors()
+    holders = {n: TensorPlaceholder(n, tuple(t.shape), t.dtype) for n, t in tensors.items()}
+    path = tmp_path / "x.pt"
+    writer = TorchZipWriter(path, {"model": {**holders, "tied": holders["a.weight"]}, "cfg": {"heads": 4}, "none": None})
+    assert [h.name for h in writer.order] == list(tensors)
+    for holder in writer.order:
+        writer.add(tensors[holder.name])
+    writer.close()
+    for mmap in (False, True):
+        loaded = torch.load(path, weights_only=True, mmap=mmap)
+        assert all(torch.equal(loaded["model"][n], t) for n, t in tensors.items()) and loaded["cfg"] == {"heads": 4}
+        assert torch.equal(loaded["model"]["tied"], tensors["a.weight"])
+    state = read_pickle(path)["model"]
+    assert all(torch.equal(state[n].load(), tensors.get(n, tensors["a.weight"])) for n in state)

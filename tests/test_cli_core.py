@@ -25,6 +25,44 @@ def test_convert_fairseq_to_hf_bf16_and_load(tmp_path, tiny_fairseq_dir, tiny_ba
     assert not list(tmp_path.glob(".converted*")), "no temporary directory left behind"
 
 
+def test_convert_hf_to_fairseq_and_back_is_lossless_and_uses_the_release_names(tmp_path, tiny_hf_dir, tiny_fairseq_dir, tiny_batch):
+    """The fairseq files we write carry the names the fixture writes by hand (an independent source of truth)."""
+    from pruning.checkpoint.torch_zip import read_pickle
+
+    out = tmp_path / "fs"
+    assert main(["convert", str(tiny_hf_dir), "--out", str(out), "--layout", "fairseq"]) == 0
+    ours = read_pickle(out / "checkpoint-shared.pt")
+    theirs = read_pickle(tiny_fairseq_dir / "checkpoint_2_300000-shared.pt")
+    skipped = {"encoder.embed_positions._float_tensor", "decoder.embed_positions._float_tensor"}
+    assert set(ours["model"]) == set(theirs["model"]) - skipped
+    assert set(read_pickle(out / "checkpoint-rank-5.pt")["model"]) == set(read_pickle(tiny_fairseq_dir / "checkpoint_2_300000-rank-5.pt")["model"])
+    assert len(list(out.glob("checkpoint-rank-*.pt"))) == 128
+    back = tmp_path / "back"
+    assert main(["convert", str(out), "--out", str(back), "--dtype", "fp32"]) == 0
+    with torch.no_grad():
+        assert torch.equal(load_model(back)(**tiny_batch).logits, load_model(tiny_hf_dir)(**tiny_batch).logits)
+        assert torch.equal(load_model(out)(**tiny_batch).logits, load_model(tiny_hf_dir)(**tiny_batch).logits)
+
+
+@pytest.mark.parametrize("model_prefix", [True, False])
+def test_hf_bin_shards_load_with_torch_and_with_our_reader(tmp_path, tiny_hf_dir, tiny_batch, model_prefix):
+    from pruning.checkpoint.layouts import write_hf_bin
+    from pruning.checkpoint.reader import open_checkpoint
+
+    reader = open_checkpoint(tiny_hf_dir)
+    out = tmp_path / "bin"
+    out.mkdir()
+    shards = write_hf_bin(reader, out, max_shard_bytes=reader.total_bytes() // 3, model_prefix=model_prefix, progress=False)
+    assert [p.name for p in shards] == [f"pytorch_model-0000{i}-of-0000{len(shards)}.bin" for i in range(1, len(shards) + 1)] and len(shards) >= 3
+    index = json.loads((out / "pytorch_model.bin.index.json").read_text())
+    first = torch.load(shards[0], weights_only=True, mmap=True)
+    assert all(index["weight_map"][name] == shards[0].name for name in first)
+    assert ("lm_head.weight" in index["weight_map"]) == model_prefix
+    (out / "config.json").write_text((tiny_hf_dir / "config.json").read_text())
+    with torch.no_grad():
+        assert torch.equal(load_model(out)(**tiny_batch).logits, load_model(tiny_hf_dir)(**tiny_batch).logits)
+
+
 def test_convert_refuses_existing_output(tmp_path, tiny_hf_dir, capsys):
     out = tmp_path / "exists"
     out.mkdir()

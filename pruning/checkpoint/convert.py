@@ -1,4 +1,4 @@
-"""Stream a checkpoint of either layout into HF-layout safetensors shards (``nllb-prune convert``)."""
+"""Stream a checkpoint of either layout into the HF (safetensors) or fairseq layout (``nllb-prune convert``)."""
 
 from __future__ import annotations
 
@@ -99,15 +99,29 @@ def convert_checkpoint(
     dtype: Optional[torch.dtype] = None,
     overwrite: bool = False,
     max_shard_bytes: Optional[int] = None,
+    layout: str = "hf",
     progress: bool = True,
 ) -> Path:
-    """Any supported layout -> HF-layout safetensors shards + index + config + tokenizer, streaming."""
+    """Any supported layout -> ``layout``, streaming one tensor at a time, with the tokenizer files.
+
+    ``hf``: safetensors shards + index + config.json; ``fairseq``: ``checkpoint-shared.pt`` + one
+    ``checkpoint-rank-{r}.pt`` per expert (:func:`pruning.checkpoint.layouts.write_fairseq`).
+    """
+    from pruning.checkpoint.layouts import LAYOUTS, write_fairseq
+
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     reader = open_checkpoint(src)
     out = Path(out)
     if Path(src).resolve() == out.resolve():
         raise CheckpointError(f"--out {out} is the source checkpoint itself")
+    if reader.manifest is not None and layout == "fairseq":
+        raise CheckpointError(f"{src} is a pruned export: it converts to the HF layout only (a fairseq layout has every expert)")
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        stream_entries(reader, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, progress=progress, desc="converting")
-        write_config(reader.config, tmp, dtype=dtype or reader.dtype)
+        if layout == "fairseq":
+            write_fairseq(reader, tmp, dtype=dtype, progress=progress)
+        else:
+            stream_entries(reader, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, progress=progress, desc="converting")
+            write_config(reader.config, tmp, dtype=dtype or reader.dtype)
         copy_tokenizer(reader, tmp)
     return out

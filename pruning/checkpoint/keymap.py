@@ -36,6 +36,22 @@ FAIRSEQ_TABLE: list[tuple[str, Optional[str]]] = [
     (rf"{_SIDE}\.layers\.{_N}\.moe_layer\.experts\.(\d+)\.fc(1|2)\.{_WB}", r"\1.layers.\2.ffn.experts.expert_{expert}.fc\4.\5"),
 ]
 
+# canonical -> fairseq, for writing the fairseq layout (``nllb-prune convert --layout fairseq``). The token
+# embedding is written under the three fairseq names that share it (FAIRSEQ_SHARED_NAMES); an expert goes
+# to rank file ``expert`` as local expert 0 (one expert of every MoE layer per rank file, as released).
+FAIRSEQ_SHARED_NAMES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight")
+CANONICAL_TO_FAIRSEQ: list[tuple[str, Optional[str]]] = [
+    (rf"{_SIDE}\.layer_norm\.{_WB}", r"\1.layer_norm.\2"),
+    (rf"{_SIDE}\.layers\.{_N}\.self_attn\.(k|v|q|out)_proj\.{_WB}", r"\1.layers.\2.self_attn.\3_proj.\4"),
+    (rf"{_SIDE}\.layers\.{_N}\.self_attn_layer_norm\.{_WB}", r"\1.layers.\2.self_attn_layer_norm.\3"),
+    (rf"decoder\.layers\.{_N}\.cross_attention\.(k|v|q|out)_proj\.{_WB}", r"decoder.layers.\1.encoder_attn.\2_proj.\3"),
+    (rf"decoder\.layers\.{_N}\.cross_attention_layer_norm\.{_WB}", r"decoder.layers.\1.encoder_attn_layer_norm.\2"),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.fc(1|2)\.{_WB}", r"\1.layers.\2.fc\3.\4"),
+    (rf"{_SIDE}\.layers\.{_N}\.ff_layer_norm\.{_WB}", r"\1.layers.\2.final_layer_norm.\3"),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.router\.classifier\.weight", r"\1.layers.\2.moe_layer.gate.wg.weight"),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_\d+\.fc(1|2)\.{_WB}", r"\1.layers.\2.moe_layer.experts.0.fc\3.\4"),
+]
+
 # HF (transformers NllbMoe*) -> canonical: strip an optional ``model.`` prefix; tied copies of the
 # embedding are dropped in favour of ``shared.weight`` (or stand in for it when it is absent).
 HF_TABLE: list[tuple[str, Optional[str]]] = [
@@ -120,3 +136,11 @@ def fairseq_expert_local_index(key: str) -> Optional[int]:
     """Local expert index inside a fairseq rank file key (``...moe_layer.experts.{i}...``)."""
     match = re.fullmatch(rf"{_SIDE}\.layers\.{_N}\.moe_layer\.experts\.(\d+)\.fc(1|2)\.{_WB}", key)
     return None if match is None else int(match.group(3))
+
+
+def to_fairseq(name: str) -> str:
+    """The fairseq name of canonical tensor ``name`` (not the token embedding: see FAIRSEQ_SHARED_NAMES)."""
+    mapped = map_key(name, CANONICAL_TO_FAIRSEQ)
+    if not isinstance(mapped, str):
+        raise ValueError(f"{name!r} has no fairseq name")
+    return mapped

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import io
+import math
+import os
 import pickle
 import struct
 import zipfile
@@ -302,3 +305,115 @@ def _unwrap(value: Any) -> Any:
             return inner
         return None
     return value
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+_STORAGE_CLASS_NAMES = {dtype: name for name, dtype in _STORAGE_DTYPES.items()}
+_ALIGNMENT = 64
+"""torch.save aligns every storage record to 64 bytes, so that ``torch.load(mmap=True)`` can map it."""
+_ZIP64_RECORD_BYTES = 2**31
+"""Records from this size on get zip64 local headers (zipfile needs them from 4 GiB; torch's reader takes both)."""
+
+
+@dataclass(frozen=True, eq=False)
+class TensorPlaceholder:
+    """Stands for a tensor in the object a :class:`TorchZipWriter` pickles; its bytes come later.
+
+    One placeholder object used at several places pickles as one tensor (fairseq stores its tied
+    embedding three times, as the same storage).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class _PlaceholderPickler(pickle.Pickler):
+    """Pickles placeholders as ``torch._utils._rebuild_tensor_v2(storage, 0, shape, stride, False, {})``."""
+
+    def __init__(self, file: Any):
+        super().__init__(file, protocol=2)
+        self.order: list[TensorPlaceholder] = []
+        self._keys: dict[int, str] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not isinstance(obj, TensorPlaceholder):
+            return NotImplemented
+        import torch._utils
+
+        if id(obj) not in self._keys:
+            self._keys[id(obj)] = str(len(self.order))
+            self.order.append(obj)
+        stride = tuple(math.prod(obj.shape[i + 1 :]) for i in range(len(obj.shape)))
+        storage = _StorageRecord(self._keys[id(obj)], obj.dtype, math.prod(obj.shape))
+        return torch._utils._rebuild_tensor_v2, (storage, 0, obj.shape, stride, False, collections.OrderedDict())
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StorageRecord):
+            return ("storage", getattr(torch, _STORAGE_CLASS_NAMES[obj.dtype]), obj.key, "cpu", obj.numel)
+        return None
+
+
+@dataclass(frozen=True)
+class _StorageRecord:
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+class TorchZipWriter:
+    """Write a ``torch.save``-compatible zip whose tensors are streamed in one at a time.
+
+    ``obj`` is pickled first with :class:`TensorPlaceholder` objects where tensors go (any other object
+    is pickled as ``torch.save`` would); then :meth:`add` writes each placeholder's bytes, in the order
+    :attr:`order` gives, as its own 64-byte-aligned stored record. Only the tensor being written is in
+    memory. ``torch.load`` (``mmap=True`` included) and :func:`read_pickle` read the result.
+    """
+
+    def __init__(self, path: str | Path, obj: Any, *, archive: str = "archive"):
+        self.path = Path(path)
+        self.archive = archive
+        pickled = io.BytesIO()
+        pickler = _PlaceholderPickler(pickled)
+        pickler.dump(obj)
+        self.order: list[TensorPlaceholder] = pickler.order
+        self._next = 0
+        self._zip = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._record("data.pkl", pickled.getvalue())
+        self._record(".format_version", b"1")
+        self._record(".storage_alignment", str(_ALIGNMENT).encode())
+        self._record("byteorder", b"little")
+
+    def add(self, tensor: torch.Tensor) -> None:
+        """Write the next placeholder's tensor (checked against its shape and dtype)."""
+        if self._next >= len(self.order):
+            raise CheckpointError(f"{self.path}: more tensors written than the {len(self.order)} the pickle holds")
+        spec = self.order[self._next]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise CheckpointError(
+                f"{self.path}: {spec.name} must be {spec.dtype} {list(spec.shape)}, got {tensor.dtype} {list(tensor.shape)}"
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self._record(f"data/{self._next}", memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"", big=spec.nbytes >= _ZIP64_RECORD_BYTES)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.order):
+            self._zip.close()
+            raise CheckpointError(f"{self.path}: {len(self.order) - self._next} tensor(s) of the pickle were never written")
+        self._record("version", b"3\n")
+        self._record(".data/serialization_id", str(int.from_bytes(os.urandom(16), "little")).encode())
+        self._zip.close()
+
+    def _record(self, name: str, data: Any, *, big: bool = False) -> None:
+        info = zipfile.ZipInfo(f"{self.archive}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_STORED
+        header_end = self._zip.fp.tell() + 30 + len(info.filename.encode()) + (20 if big else 0)  # type: ignore[union-attr]
+        padding = -(header_end + 4) % _ALIGNMENT  # an extra field of 4 + padding bytes puts the data on the boundary
+        info.extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding
+        with self._zip.open(info, "w", force_zip64=big) as handle:
+            handle.write(data)

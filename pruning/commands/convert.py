@@ -1,4 +1,4 @@
-"""nllb-prune convert SRC --out DIR [--dtype bf16|fp16|fp32]"""
+"""nllb-prune convert SRC --out DIR [--layout hf|fairseq] [--dtype bf16|fp16|fp32]"""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 from pruning.config import ConfigError, add_dataclass_flags, resolve
 
 NAME = "convert"
-HELP = "Convert a checkpoint of either layout to HF-layout safetensors shards (+ index, config, tokenizer), streaming."
+HELP = "Convert a checkpoint between layouts and dtypes (HF safetensors shards + config, or fairseq shared + rank files), streaming."
 
 
 @dataclass
@@ -18,7 +18,8 @@ class ConvertConfig:
     out: str = field(metadata={"help": "output directory (must not exist unless --overwrite)"})
     dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: keep the source's)", "choices": ["bf16", "fp16", "fp32"]})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
-    shard_gb: float = field(default=4.0, metadata={"help": "maximum shard size in GiB"})
+    shard_gb: float = field(default=4.0, metadata={"help": "maximum shard size in GiB (--layout hf)"})
+    layout: str = field(default="hf", metadata={"help": "hf: safetensors shards + config.json; fairseq: checkpoint-shared.pt + checkpoint-rank-{r}.pt", "choices": ["hf", "fairseq"]})
 
     def validate(self) -> None:
         if self.shard_gb <= 0:
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     config = resolve(ConvertConfig, args)
     out = convert_checkpoint(
         config.src, config.out, dtype=parse_dtype(config.dtype), overwrite=config.overwrite,
-        max_shard_bytes=int(config.shard_gb * 2**30),
+        max_shard_bytes=int(config.shard_gb * 2**30), layout=config.layout,
     )
     print(f"wrote {out}")
     return 0
