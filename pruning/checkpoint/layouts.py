@@ -82,9 +82,9 @@ def write_fairseq(
         obj["last_optimizer_state"] = {"state": {0: moments}, "param_groups": [{"lr": 0.0}]}
     shared_path = directory / f"{prefix}-shared.pt"
     files = [shared_path]
-    total = len(shared_entries) + sum(len(v) for v in by_rank.values())
+    writer = TorchZipWriter(shared_path, obj)
+    total = len(writer.order) + sum(len(v) for v in by_rank.values())
     with tqdm(total=total, desc="writing fairseq", unit="tensor", disable=not progress) as bar:
-        writer = TorchZipWriter(shared_path, obj)
         for holder in writer.order:
             writer.add(produce[id(holder)]())
             bar.update()

@@ -71,6 +71,36 @@ class NllbMoeForPruning(NllbMoeForConditionalGeneration):
         return chosen
 
 
+def hf_config(topology: Topology, **overrides: object) -> NllbMoeConfig:
+    """The ``transformers`` config of a model of ``topology``, with NLLB-200's settings unless overridden.
+
+    Inference settings: no dropout, eval capacity fraction 1.0, expert output masking 0.2, max 1,024
+    positions, scaled embeddings, NLLB's special token ids.
+    """
+    settings: dict[str, object] = dict(
+        vocab_size=topology.vocab_size,
+        d_model=topology.d_model,
+        encoder_layers=topology.encoder_layers,
+        decoder_layers=topology.decoder_layers,
+        encoder_ffn_dim=topology.ffn_dim,
+        decoder_ffn_dim=topology.ffn_dim,
+        encoder_attention_heads=topology.encoder_attention_heads,
+        decoder_attention_heads=topology.decoder_attention_heads,
+        num_experts=topology.num_experts,
+        encoder_sparse_step=topology.encoder_sparse_step,
+        decoder_sparse_step=topology.decoder_sparse_step,
+        max_position_embeddings=1024,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0,
+        moe_token_dropout=0.2,
+        moe_eval_capacity_token_fraction=1.0,
+        scale_embedding=True,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+    )
+    settings.update(overrides)
+    return NllbMoeConfig(**settings)
+
+
 def full_selection(topology: Topology) -> ExpertSelection:
     return {(side, layer): list(range(topology.num_experts)) for _, side, layer in topology.iter_moe_layers()}
 
