@@ -171,6 +171,21 @@ def test_collection_does_not_change_outputs(model, tiny_batch):
     assert float(counters["enc"]["tokens"][0]) == float(tiny_batch["attention_mask"].sum())
 
 
+def test_teacher_forcing_never_computes_the_output_projection(tiny_hf_dir, flores, tmp_path, monkeypatch, teacher_stats):
+    """Routing needs the encoder and decoder stacks only; the LM head's [tokens, vocab] logits are never made."""
+    from pruning.model.build import NllbMoeForPruning
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("teacher-forced statistics ran the output projection")
+
+    monkeypatch.setattr(NllbMoeForPruning, "forward", refuse)
+    out = tmp_path / "no-head.safetensors"
+    collect_statistics(options(tiny_hf_dir, flores, out, langs=list(LANGS), batch_tokens=40))
+    ours, reference = RoutingStats.load(out), teacher_stats
+    assert ours.directions == reference.directions
+    assert all(torch.equal(ours.side(d, "dec")["top1"], reference.side(d, "dec")["top1"]) for d in ours.directions)
+
+
 # ---- the file: info, merge, resume ----------------------------------------------------------------
 def test_info_identifies_model_data_and_versions(teacher_stats, tiny_hf_dir, flores):
     info = teacher_stats.info

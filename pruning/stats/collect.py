@@ -617,7 +617,7 @@ class Decoding:
 
 
 def run_batch(model: Any, collector: RoutingCollector, batch: Batch, decoding: Decoding, *, count: bool = True) -> None:
-    """Forward ``batch`` (teacher forcing, or beam search then teacher forcing of the hypothesis)."""
+    """Forward ``batch`` (teacher forcing, or beam search then teacher forcing of the hypothesis) for its routing."""
     device = model.device
     input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     labels = batch.labels
@@ -638,7 +638,9 @@ def run_batch(model: Any, collector: RoutingCollector, batch: Batch, decoding: D
     previous = collector.enabled
     collector.enabled = count
     try:
-        model(
+        # the encoder-decoder stacks only: routing needs no output projection (a [tokens, vocab] product and
+        # tensor, 256,206 x 2048 per token at NLLB-200's size)
+        model.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             decoder_input_ids=decoder_ids.to(device),
