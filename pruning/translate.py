@@ -81,6 +81,29 @@ def language_token_id(tokenizer: Any, code: str, *, flag: str) -> int:
     return int(token_id)
 
 
+class _BeyondTokenizer:
+    """A logits processor: ids the tokenizer cannot decode (embedding rows past its vocabulary) are never chosen."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.size :] = float("-inf")  # [batch * beams, vocab]
+        return scores
+
+
+def vocabulary_limit(model: Any, tokenizer: Any) -> Any:
+    """Processors keeping generation inside the tokenizer's ids.
+
+    NLLB-200's embedding has 256,206 rows, its tokenizer 256,204 ids: the padding rows at the end were
+    never trained, and a tokenizer cannot decode them. Empty when the model's vocabulary is no larger.
+    """
+    from transformers import LogitsProcessorList
+
+    rows = int(getattr(model.config, "vocab_size", 0))
+    return LogitsProcessorList([_BeyondTokenizer(len(tokenizer))] if rows > len(tokenizer) else [])
+
+
 def translate_sentences(
     model: Any,
     sentences: Sequence[str],
@@ -117,6 +140,7 @@ def translate_sentences(
                 num_beams=options.beam,
                 max_new_tokens=options.max_length,
                 do_sample=False,
+                logits_processor=vocabulary_limit(model, tokenizer),
             )  # [batch, <= 1 + 1 + max_length]: decoder start, target code, tokens
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
             for j, text in zip(batch, texts):

@@ -161,3 +161,23 @@ def test_set_direction_and_clear(export_dir):
 def test_missing_input_file(tmp_path, export_dir, capsys):
     assert main(["translate", "--model", str(export_dir), "--src", FRA, "--tgt", DEU, "--input", str(tmp_path / "nope.txt")]) == 2
     assert "--input: file" in capsys.readouterr().err
+
+
+def test_generation_never_emits_embedding_rows_past_the_tokenizer(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
+    """NLLB-200 has 2 embedding rows more than tokenizer ids (padding rows); here 30, made the likeliest tokens."""
+    extra = 30
+    model_dir = fixtures.write_hf(fixtures.make_model(len(tiny_tokenizer) + extra, encoder_layers=4, decoder_layers=4),
+                                  tmp_path / "wide", tokenizer_dir=tiny_tokenizer_dir)
+    model = load_model(model_dir)
+    assert model.config.vocab_size == len(model.tokenizer) + extra
+
+    def favour_padding_rows(module, inputs, logits):
+        logits[..., len(model.tokenizer):] += 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(favour_padding_rows)
+    with torch.no_grad():
+        plain = model.generate(**model.tokenizer(["A small dog."], return_tensors="pt"), max_new_tokens=3, num_beams=2)
+    assert int(plain[0, -1]) >= len(model.tokenizer), "the hook makes padding rows win without the limit"
+    out = translate_sentences(model, ["A small dog.", "The red house."], src=FRA, tgt=DEU, options=DecodingOptions(beam=2, max_length=5))
+    assert len(out) == 2 and all(isinstance(text, str) for text in out)
