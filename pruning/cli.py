@@ -15,6 +15,7 @@ from pruning.errors import UserError
 # subcommand -> module in pruning.commands (kept in pipeline order)
 COMMANDS = {
     "info": "info",
+    "plan": "plan",
     "convert": "convert",
     "stats": "stats",
     "merge-stats": "merge_stats",
