@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from pruning.atomic import write_text
+from pruning.atomic import apply_umask, write_text
 from pruning.checkpoint.torch_zip import CheckpointError
 
 DEFAULT_SHARD_BYTES = 4 * 2**30
@@ -84,6 +84,7 @@ class ShardWriter:
             return
         path = self.directory / f"shard-{len(self._shards) + 1:05d}.safetensors.partial"
         save_file(self._pending, str(path), metadata={"format": "pt"})
+        apply_umask(path)  # safetensors creates its files 0600
         self._shards.append((path, list(self._pending)))
         self._pending = {}
         self._pending_bytes = 0

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.locking import claim_output
 
 NAME = "merge-stats"
-HELP = "Add the counters of statistics files of one model topology (e.g. the halves of a corpus, or per-language runs) into one file."
+HELP = (
+    "Add the counters of statistics files of one model topology (e.g. the halves of a corpus, or per-language runs) into one "
+    "file; a direction counted over the same sentences in several files is kept once, overlapping sentence ranges are refused."
+)
 
 
 @dataclass
@@ -31,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pruning.stats.counters import merge_files
+    from pruning.stats.counters import file_identity, merge_files
 
     # positional files and key=value overrides share argparse's trailing arguments: split them here
     trailing = list(args.files) + list(args.overrides)
@@ -40,7 +45,14 @@ def run(args: argparse.Namespace) -> int:
     if files:
         args.inputs = files
     config = resolve(MergeStatsConfig, args)
-    merged = merge_files(config.inputs)
-    path = merged.save(config.out)
-    print(f"merged {len(config.inputs)} file(s), {len(merged.directions)} direction(s): wrote {path}")
+    out = file_identity(Path(config.out))
+    clash = next((item for item in config.inputs if file_identity(Path(item)) == out), None)
+    if clash is not None:
+        raise ConfigError(f"--out {config.out} is also an input ({clash}): write the merged file elsewhere, the inputs stay as they are")
+    with claim_output(config.out, command=NAME):
+        merged = merge_files(config.inputs)
+        path = merged.save(config.out)
+    once = merged.info.get("kept_once", [])
+    kept = f" ({len(once)} of them counted over the same sentences in several files, kept once: {', '.join(once[:6])}{' ...' if len(once) > 6 else ''})" if once else ""
+    print(f"merged {len(config.inputs)} file(s), {len(merged.directions)} direction(s){kept}: wrote {path}")
     return 0
