@@ -65,16 +65,21 @@ def claim_output(
     and summary beside its TSV): their stale partials are cleaned too.
     """
     path = Path(output)
-    check_location(path, flag=flag, kind=kind)
-    with output_lock(path, command=command, flag=flag):
-        for item in (path, *map(Path, companions)):
-            remove_stale_partials(item)
-        yield path
+    created = check_location(path, flag=flag, kind=kind)
+    try:
+        with output_lock(path, command=command, flag=flag):
+            for item in (path, *map(Path, companions)):
+                remove_stale_partials(item)
+            yield path
+    except BaseException:
+        remove_empty(created)  # a failed run leaves no empty directories behind
+        raise
 
 
 # ---- the location ------------------------------------------------------------------------------
-def check_location(path: Path, *, flag: str, kind: OutputKind) -> None:
-    """Raise :class:`OutputError` unless ``path`` can be written as a ``kind`` (parents are created)."""
+def check_location(path: Path, *, flag: str, kind: OutputKind) -> list[Path]:
+    """Raise :class:`OutputError` unless ``path`` can be written as a ``kind``; return the parent
+    directories it created, outermost first."""
     if path.is_dir() and kind == "file":
         raise OutputError(f"{flag} {path} is a directory; expected the name of a file to write")
     if path.exists() and not path.is_dir() and kind != "file":
@@ -82,13 +87,28 @@ def check_location(path: Path, *, flag: str, kind: OutputKind) -> None:
     existing = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == p.parent)
     if not existing.is_dir():
         raise OutputError(f"{flag} {path}: {existing} is a file, not a directory")
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()][::-1]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{flag} {path}: cannot create the directory {path.parent} ({exc.strerror or exc})") from None
-    _probe(path.parent, flag=flag, path=path)
-    if kind == "folder" and path.is_dir():
-        _probe(path, flag=flag, path=path)
+    try:
+        _probe(path.parent, flag=flag, path=path)
+        if kind == "folder" and path.is_dir():
+            _probe(path, flag=flag, path=path)
+    except OutputError:
+        remove_empty(created)
+        raise
+    return created
+
+
+def remove_empty(directories: list[Path]) -> None:
+    """Remove the directories a failed run created (outermost first in ``directories``) while they are empty."""
+    for directory in reversed(directories):
+        try:
+            directory.rmdir()
+        except OSError:
+            break
 
 
 def _probe(directory: Path, *, flag: str, path: Path) -> None:

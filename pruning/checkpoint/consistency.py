@@ -78,11 +78,14 @@ def check_experts(reader: Any) -> None:
     num_experts = topology.num_experts
     present = reader.present_experts()
     where = _config_file(reader)
-    beyond = [f"{side} layer {layer}: {[e for e in ids if e >= num_experts][:8]}" for (side, layer), ids in present.items() if ids and ids[-1] >= num_experts]
+    beyond = [(side, layer, ids[-1]) for (side, layer), ids in present.items() if ids and ids[-1] >= num_experts]
     if beyond:
+        largest = max(top for _, _, top in beyond)
+        layers = ", ".join(f"{side} layer {layer}" for side, layer, _ in beyond[:4]) + (" ..." if len(beyond) > 4 else "")
+        wanted = f"{largest + 1}" if reader.manifest is None else f"at least {largest + 1}"
         raise CheckpointError(
-            f"{where}: num_experts is {num_experts}, but the checkpoint holds experts with larger indices ({'; '.join(beyond[:4])}); "
-            f"set num_experts to the experts per MoE layer of the weights"
+            f"{where}: num_experts is {num_experts}, but the weights hold experts up to index {largest} in {layers}; "
+            f"set num_experts to {wanted} (the experts per MoE layer of the unpruned model)"
         )
     if reader.manifest is None:
         _check_full(present, topology, where=where)

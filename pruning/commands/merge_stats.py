@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     with claim_output(config.out, command=NAME):
         merged = merge_files(config.inputs)
         path = merged.save(config.out)
-    once = merged.info.get("kept_once", [])
+    once = merged.kept_once
     kept = f" ({len(once)} of them counted over the same sentences in several files, kept once: {', '.join(once[:6])}{' ...' if len(once) > 6 else ''})" if once else ""
     print(f"merged {len(config.inputs)} file(s), {len(merged.directions)} direction(s){kept}: wrote {path}")
     return 0

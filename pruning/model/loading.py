@@ -195,10 +195,17 @@ def load_tokenizer(directory: str | Path):  # noqa: ANN201 - a transformers toke
     config = directory / "tokenizer_config.json"
     spm = directory / "sentencepiece.bpe.model"
     try:
+        if spm.is_file():
+            import sentencepiece
+
+            sentencepiece.SentencePieceProcessor(model_file=str(spm))  # transformers answers a corrupt file with False
         if config.is_file():
             if not isinstance(read_json(config, error=CheckpointError, what="tokenizer config"), dict):
                 raise CheckpointError(f"tokenizer config {config} is not a JSON object of settings")
-            return AutoTokenizer.from_pretrained(str(directory), use_fast=False)
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), use_fast=False)
+            if not hasattr(tokenizer, "convert_tokens_to_ids"):
+                raise CheckpointError(f"{directory}: transformers made no tokenizer of tokenizer_config.json (it returned {tokenizer!r})")
+            return tokenizer
         if spm.is_file():
             return NllbTokenizer(vocab_file=str(spm))
     except CheckpointError:

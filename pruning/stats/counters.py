@@ -131,6 +131,8 @@ class RoutingStats:
     """Per direction collected with ``--chunk-sentences``: its counters per chunk."""
     chunk_sentences: int | None = None
     """K, sentences per chunk (one per file); None when no direction has chunks."""
+    kept_once: list[str] = field(default_factory=list, compare=False)
+    """Directions that :meth:`merge` found counted over the same sentences in both inputs and kept once (not saved)."""
 
     # ---- building ----------------------------------------------------------------------------
     def empty_side(self, side: str) -> dict[str, torch.Tensor]:
@@ -171,26 +173,22 @@ class RoutingStats:
 
         A direction both hold over the same sentences (:mod:`pruning.stats.provenance`) is kept once, after
         checking that both counted the same; over disjoint sentences it is summed; any other overlap is refused.
-        The directions kept once are listed in the result's ``info["kept_once"]``.
+        The directions kept once are listed in the result's :attr:`kept_once`.
         """
         self.topology.check_same_routing(other.topology, what=what)
         self._check_compatible(other, what=what)
         kept_once = self._counted_in_both(other, what=what)
         out = RoutingStats(self.topology, {}, dict(self.info))
-        for source in (self, other):
+        for skip, source in ((set(), self), (set(kept_once), other)):
             for direction, side, name, value in source.items():
-                if source is other and direction in kept_once:
-                    continue
-                out.add(direction, side, name, value)
+                if direction not in skip:
+                    out.add(direction, side, name, value)
             for direction, chunks in source.chunks.items():
-                if source is other and direction in kept_once:
-                    continue
-                out.add_chunks(direction, chunks, chunk_sentences=int(source.chunk_sentences or 0), what=what)
+                if direction not in skip:
+                    out.add_chunks(direction, chunks, chunk_sentences=int(source.chunk_sentences or 0), what=what)
         sources = list(self.info.get("merged_from", [self.info])) + list(other.info.get("merged_from", [other.info]))
         out.info = {"merged_from": sources}
-        once = sorted(set(self.info.get("kept_once", [])) | set(kept_once))
-        if once:
-            out.info["kept_once"] = once
+        out.kept_once = sorted(set(self.kept_once) | set(kept_once))
         return out
 
     def _counted_in_both(self, other: "RoutingStats", *, what: str) -> list[str]:
@@ -203,16 +201,16 @@ class RoutingStats:
             verdict = overlap_verdict(mine, theirs)
             if verdict == "overlap":
                 raise StatsError(
-                    f"{what}: direction {direction} was counted over {describe_pieces(theirs)} of the data that the other "
-                    f"file counted over {describe_pieces(mine)}: the ranges overlap, so no sum counts each sentence once; "
-                    "merge files collected on disjoint sentences (--first-sentence, --max-sentences)"
+                    f"{what}: direction {direction} was counted over {describe_pieces(theirs)} there and over "
+                    f"{describe_pieces(mine)} of the same data in the file(s) before it: the ranges overlap, so no sum counts "
+                    "each sentence once; merge files collected on disjoint sentences (--first-sentence, --max-sentences)"
                 )
             if verdict == "same":
                 different = self._first_difference(other, direction)
                 if different:
                     raise StatsError(
-                        f"{what}: direction {direction} was counted over the same sentences ({describe_pieces(mine)}) in both "
-                        f"files, but {different} differs (another model, dtype or mode?); keep one file's direction"
+                        f"{what}: direction {direction} was counted over the same sentences ({describe_pieces(mine)}) there and "
+                        f"in the file(s) before it, but its {different} differs (another model, dtype or mode?); merge only one of them"
                     )
                 same.append(direction)
         return same

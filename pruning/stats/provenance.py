@@ -42,9 +42,9 @@ def check_same_data(info: dict[str, Any], files: dict[str, str], *, data_dir: st
         if differ:
             old_dir = (source.get("data") or {}).get("dir")
             raise StatsError(
-                f"--resume: {path} counted other sentences than --data {data_dir} holds: {', '.join(differ[:6])} "
-                f"differ{' (the file read ' + str(old_dir) + ')' if old_dir else ''} (sha256); "
-                "collect into another --out (and merge-stats the files) or resume with the data the file was collected on"
+                f"--resume: {path} was collected on other sentences: {', '.join(differ[:6])} of --data {data_dir} "
+                f"differ from the file(s) it counted (sha256){'; it read ' + str(old_dir) if old_dir else ''}; "
+                "collect into another --out (and merge-stats the files), or resume with the data it was collected on"
             )
 
 
