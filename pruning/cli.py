@@ -75,16 +75,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """``--enc-dec -1:3`` -> ``--enc-dec=-1:3``: argparse takes a value starting with ``-`` for a flag
-    (and says "expected one argument"); the value's own check then names what is wrong with it."""
-    takes_value = {
-        option
-        for action in _subcommand_actions(parser, argv)
-        if action.nargs is None and action.option_strings
-        for option in action.option_strings
-    }
+    (and says "expected one argument"); the value's own check then names what is wrong with it. Only
+    single-dash words that are no option of the command are attached: ``--out --resume`` stays an error."""
+    actions = _subcommand_actions(parser, argv)
+    options = {option for action in actions for option in action.option_strings}
+    takes_value = {option for action in actions if action.nargs is None for option in action.option_strings}
     out: list[str] = []
     for item in argv:
-        if out and out[-1] in takes_value and item.startswith("-") and item not in takes_value and item not in ("-h", "--help"):
+        if out and out[-1] in takes_value and item.startswith("-") and not item.startswith("--") and item not in options:
             out[-1] = f"{out[-1]}={item}"
         else:
             out.append(item)

@@ -273,6 +273,8 @@ CASES = [
          same("--enc-dec parts must be positive, got '-1:3'")),
     Case("missing-value", lambda b: ["select", "--stats", b.stats, "--out", b.out / "new.json", "--ratio"],
          same("argument --ratio: expected one argument (see nllb-prune select --help)")),
+    Case("flag-as-value", lambda b: ["stats", "--model", MODEL, "--data", b.flores, "--langs", f"{QBE},{QEN}", "--out", "--resume"],
+         same("argument --out: expected one argument")),
     # 6. inputs users pass
     Case("input-directory", lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN, "--input", b.inputs],
          lambda b: [f"--input {b.inputs} is a directory"]),
@@ -383,6 +385,15 @@ def test_stale_partial_outputs_of_dead_processes_are_removed(bed: Bed, tmp_path,
     err = capsys.readouterr().err
     assert not partial.exists() and not leftover.exists() and f"removed {partial}, a partial output left by process {dead}, which is gone" in err
     assert alive.is_dir() and f"left {alive} in place: process {os.getppid()} is still running" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_directory_is_refused_before_any_work(bed: Bed, tmp_path, capsys):
+    locked = tmp_path / "read-only"
+    locked.mkdir(mode=0o555)
+    out = locked / "stats.safetensors"
+    assert run_cli(["stats", "--model", MODEL, "--data", bed.flores, "--langs", f"{QBE},{QEN}", "--out", out, "--no-progress"]) == 2
+    assert f"--out {out}: cannot write in {locked} (Permission denied)" in capsys.readouterr().err
 
 
 def test_outputs_follow_the_umask(bed: Bed, tmp_path):

@@ -47,9 +47,9 @@ class EvaluateConfig:
             raise ConfigError("give exactly one of --pairs src-tgt,... and --langs L1,L2,...")
         if self.max_sentences is not None and self.max_sentences < 1:
             raise ConfigError(f"--max-sentences must be positive, got {self.max_sentences}")
-        from pruning.commands.translate import check_device_flag
+        from pruning.model.loading import check_device
 
-        check_device_flag(self.device)
+        check_device(self.device)
         if self.long_input not in ("error", "truncate", "split"):
             raise ConfigError(f"--long-input must be error, truncate or split, got {self.long_input!r}")
         self.decoding().validate()

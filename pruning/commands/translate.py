@@ -42,7 +42,9 @@ class TranslateConfig:
         missing = [flag for flag, value in (("--model", self.model), ("--src", self.src), ("--tgt", self.tgt)) if not value]
         if missing:
             raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
-        check_device_flag(self.device)
+        from pruning.model.loading import check_device
+
+        check_device(self.device)
         if self.input and not Path(self.input).exists():
             raise ConfigError(f"--input: file {self.input} does not exist")
         if self.input and Path(self.input).is_dir():
@@ -59,15 +61,6 @@ class TranslateConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_flags(parser, TranslateConfig)
-
-
-def check_device_flag(device: str) -> None:
-    """``--device``: auto, cpu, cuda or cuda:N, and a CUDA device only where torch has one."""
-    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    from pruning.model.loading import check_device
-
-    check_device(device)
 
 
 def read_lines(path: Optional[str]) -> list[str]:

@@ -39,15 +39,19 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def check_device(device: str, *, flag: str = "--device") -> None:
-    """A CUDA device must exist: a CPU-only torch, or ``cuda:N`` past the visible GPUs, is a user error."""
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and a CUDA device only where this torch sees one."""
+    from pruning.config import ConfigError
+
+    index = device.partition(":")[2] if device.startswith("cuda:") else None
+    if device not in ("auto", "cpu", "cuda") and not (index is not None and index.isdigit()):
+        raise ConfigError(f"{flag} must be auto, cpu, cuda or cuda:N, got {device!r}")
     if not device.startswith("cuda"):
         return
     if not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but no GPU is visible"
-        raise CheckpointError(f"{flag} {device}: this torch {torch.__version__} is {build}; use {flag} cpu (or auto)")
-    index = device.partition(":")[2]
-    if index.isdigit() and int(index) >= torch.cuda.device_count():
-        raise CheckpointError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        raise ConfigError(f"{flag} {device}: this torch {torch.__version__} is {build}; use {flag} cpu (or auto)")
+    if index is not None and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
 
 
 def load_model(

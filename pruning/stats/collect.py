@@ -436,10 +436,9 @@ class StatsOptions:
             raise ConfigError(f"--langs needs at least two languages (every direction among them), got {self.langs}")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.device != "auto":
-            from pruning.model.loading import check_device
+        from pruning.model.loading import check_device
 
-            check_device(self.device)
+        check_device(self.device)
         for flag, value in (("--beam", self.beam), ("--max-new-tokens", self.max_new_tokens), ("--batch-tokens", self.batch_tokens), ("--expert-parallel", self.expert_parallel)):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
