@@ -16,8 +16,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -120,21 +120,26 @@ def fit_sources(
     pieces: list[list[int]] = []
     owners: list[int] = []
     for i, ids in enumerate(encoded):
-        if limit is None or len(ids) <= limit:
-            pieces.append(list(ids))
-            owners.append(i)
-            continue
-        head, tail = len(getattr(tokenizer, "prefix_tokens", [0])), len(getattr(tokenizer, "suffix_tokens", [0]))
-        prefix, body, suffix = list(ids[:head]), list(ids[head : len(ids) - tail]), list(ids[len(ids) - tail :])
-        room = limit - head - tail
-        too_long = f"{where(i)} has {len(ids)} tokens, more than the {limit} positions the model reads (max_position_embeddings, its language code and </s> included)"
-        if long_input == "error":
-            raise TranslateError(f"{too_long}; choose --long-input truncate (keep its first {room} tokens) or split (translate it in pieces)")
-        parts = [body[:room]] if long_input == "truncate" else split_tokens(body, size=room, word_start=lambda t: str(tokenizer.convert_ids_to_tokens(t)).startswith("\u2581"))
-        warn(f"{too_long}: " + (f"translated its first {room} tokens only" if long_input == "truncate" else f"translated in {len(parts)} pieces joined by a space"))
-        pieces += [prefix + part + suffix for part in parts]
-        owners += [i] * len(parts)
+        fitted = [list(ids)] if limit is None or len(ids) <= limit else _cut(list(ids), limit=limit, long_input=long_input, tokenizer=tokenizer, name=where(i), warn=warn)
+        pieces += fitted
+        owners += [i] * len(fitted)
     return pieces, owners
+
+
+def _cut(ids: list[int], *, limit: int, long_input: str, tokenizer: Any, name: str, warn: Callable[[str], None]) -> list[list[int]]:
+    """One source longer than ``limit``: an error, its first tokens, or its pieces (each ``[code] tokens </s>``)."""
+    head, tail = len(getattr(tokenizer, "prefix_tokens", [0])), len(getattr(tokenizer, "suffix_tokens", [0]))
+    prefix, body, suffix = ids[:head], ids[head : len(ids) - tail], ids[len(ids) - tail :]
+    room = limit - head - tail
+    too_long = f"{name} has {len(ids)} tokens, more than the {limit} positions the model reads (max_position_embeddings, its language code and </s> included)"
+    if long_input == "error":
+        raise TranslateError(f"{too_long}; choose --long-input truncate (keep its first {room} tokens) or split (translate it in pieces)")
+    if long_input == "truncate":
+        warn(f"{too_long}: translated its first {room} tokens only")
+        return [prefix + body[:room] + suffix]
+    parts = split_tokens(body, size=room, word_start=lambda t: str(tokenizer.convert_ids_to_tokens(t)).startswith("\u2581"))
+    warn(f"{too_long}: translated in {len(parts)} pieces joined by a space")
+    return [prefix + part + suffix for part in parts]
 
 
 def split_tokens(body: list[int], *, size: int, word_start: Callable[[int], bool]) -> list[list[int]]:
