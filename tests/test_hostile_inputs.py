@@ -218,6 +218,9 @@ CASES = [
     Case("evaluate-unknown-code", lambda b: ["evaluate", "--model", MODEL, "--data", b.inputs / "flores-extra", "--split", "dev",
                                               "--pairs", f"{QBE}-{QEN},{QEN}-xyz_Latn", "--out", b.scores, "--spm", "none", "--beam", 1],
          same(f"direction {QEN}-xyz_Latn: target language 'xyz_Latn' is not a language code of this model's tokenizer", "it knows 10 codes: qbe_Latn")),
+    Case("stats-unknown-code", lambda b: ["stats", "--model", MODEL, "--data", b.inputs / "flores-extra", "--langs", f"{QBE},xyz_Latn",
+                                           "--out", b.out / "new-dir" / "stats.safetensors", "--no-progress"],  # and no empty new-dir/ left
+         same("the model's tokenizer has no language code for ['xyz_Latn']; it knows 10 codes: qbe_Latn")),
     Case("translate-unknown-code", lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", "xyz_Latn", "--input", b.inputs / "sentences.txt"],
          same("--tgt 'xyz_Latn' is not a language code", "it knows 10 codes: qbe_Latn, qbo_Latn")),
     # 5. an unwritable output location, in every writing command, before any work

@@ -690,7 +690,7 @@ def collect_statistics(options: StatsOptions) -> Path:
         if held["previous"] is not None:
             check_same_data(held["previous"].info, held["files"], data_dir=options.data, path=out)
 
-    try:
+    with claim, contextlib.closing(ctx):  # on any failure: the process group closes, then the lock is released
         ctx.agree(check_out)
         model = _load(options, ctx)
         tokenizer = model.tokenizer
@@ -712,9 +712,6 @@ def collect_statistics(options: StatsOptions) -> Path:
             _collect_rounds(options, ctx, model, collector, flores, todo, held.get("stats"), out)
         finally:
             collector.close()
-    finally:
-        ctx.close()
-        claim.close()
     return out
 
 
