@@ -14,7 +14,10 @@ Every command that writes an output (a file, an export directory, a folder of pl
 3. removes the partial outputs that killed runs leave beside the output (``.OUT.partial-PID``,
    ``.OUT.tmp-PID``, ``.OUT.old-PID``) when their process is gone, with a warning.
 
-The lock file is removed when the ``with`` block ends, whether the work succeeded or failed.
+The lock file is removed when the ``with`` block ends, whether the work succeeded or failed; so are the
+parent directories the claim created, when the work failed and left them empty. On a network file system
+the lock is as good as its ``flock``: NFSv4 takes it on the server, a mount with ``local_lock=flock`` only
+on each client.
 """
 
 from __future__ import annotations
