@@ -61,13 +61,18 @@ def claim_output(
     flag: str = "--out",
     kind: OutputKind = "file",
     companions: Sequence[str | os.PathLike[str]] = (),
+    inputs: Sequence[tuple[str, str | os.PathLike[str]]] = (),
 ) -> Iterator[Path]:
     """Check ``output``'s location, lock it for ``command``, clean stale partials; yield the output path.
 
     ``companions`` are outputs written together with ``output`` under its lock (``evaluate``'s hypotheses
-    and summary beside its TSV): their stale partials are cleaned too.
+    and summary beside its TSV): their stale partials are cleaned too. ``inputs`` are ``(flag, path)`` of
+    the files the command reads: the output may not be one of them.
     """
     path = Path(output)
+    for name, item in inputs:
+        if same_file(path, Path(item)):
+            raise OutputError(f"{flag} {path} is also an input ({name} {item}): write it elsewhere, inputs are never overwritten")
     created = check_location(path, flag=flag, kind=kind)
     try:
         with output_lock(path, command=command, flag=flag):
@@ -77,6 +82,14 @@ def claim_output(
     except BaseException:
         remove_empty(created)  # a failed run leaves no empty directories behind
         raise
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two spellings name one file (one that exists; else the same absolute path)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 # ---- the location ------------------------------------------------------------------------------

@@ -288,6 +288,7 @@ CASES = [
          lambda b: [f"{b.stats} is given twice", "added to themselves"]),
     Case("merge-into-input", lambda b: ["merge-stats", b.stats, b.inputs / "lines-2-5.safetensors", "--out", b.stats],
          lambda b: [f"--out {b.stats} is also an input"]),
+    Case("select-into-stats", lambda b: ["select", "--stats", b.stats, "--out", b.stats], lambda b: [f"--out {b.stats} is also an input (--stats {b.stats})"]),
     Case("merge-overlap", lambda b: ["merge-stats", b.stats, b.inputs / "lines-2-5.safetensors", "--out", b.out / "merged.safetensors"],
          same(f"direction {QBE}-{QEN} was counted over lines 2..5 there and over lines 0..3", "the ranges overlap")),
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pruning.config import ConfigError, add_dataclass_flags, resolve
 from pruning.locking import claim_output
@@ -36,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pruning.stats.counters import file_identity, merge_files
+    from pruning.stats.counters import merge_files
 
     # positional files and key=value overrides share argparse's trailing arguments: split them here
     trailing = list(args.files) + list(args.overrides)
@@ -45,11 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if files:
         args.inputs = files
     config = resolve(MergeStatsConfig, args)
-    out = file_identity(Path(config.out))
-    clash = next((item for item in config.inputs if file_identity(Path(item)) == out), None)
-    if clash is not None:
-        raise ConfigError(f"--out {config.out} is also an input ({clash}): write the merged file elsewhere, the inputs stay as they are")
-    with claim_output(config.out, command=NAME):
+    with claim_output(config.out, command=NAME, inputs=[("input", item) for item in config.inputs]):
         merged = merge_files(config.inputs)
         path = merged.save(config.out)
     once = merged.kept_once

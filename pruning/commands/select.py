@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from pruning.stats.paper_json import load_statistics
 
     config = resolve(SelectConfig, args)
-    with claim_output(config.out, command=NAME):
+    with claim_output(config.out, command=NAME, inputs=[("--stats", config.stats)] if config.stats else []):
         stats = load_statistics(config.stats) if config.stats else None  # None: a data-free metric (validated)
         selection = select_experts(stats, config)
         validate_index(selection.index, selection.topology, min_per_layer=config.min_per_layer, what="selected index")

@@ -445,7 +445,7 @@ def merge_files(paths: Iterable[str | os.PathLike[str]]) -> RoutingStats:
     paths = [Path(p) for p in paths]
     seen: dict[Any, Path] = {}
     for path in paths:
-        key = file_identity(path)
+        key = _file_key(path)
         if key in seen:
             raise StatsError(f"{path} is given twice (also as {seen[key]}): its counters would be added to themselves")
         seen[key] = path
@@ -458,7 +458,7 @@ def merge_files(paths: Iterable[str | os.PathLike[str]]) -> RoutingStats:
     return merged
 
 
-def file_identity(path: Path) -> Any:
+def _file_key(path: Path) -> Any:
     """What names one file however it is spelled (device and inode; the absolute path if it does not exist)."""
     try:
         stat = path.stat()
