@@ -1,8 +1,10 @@
 """Small file I/O shared by the rooms.
 
 Writes are atomic: write to a temporary sibling, then rename. A reader never sees half a file, and an
-interrupted or failed write (disk full, Ctrl-C) leaves the previous file untouched. JSON reads turn
-every failure into the caller's named error, with the file (and line and column for syntax errors).
+interrupted or failed write (disk full, Ctrl-C) leaves the previous file untouched. A renamed file gets
+the mode a plain ``open`` would have given it (0666 less the umask): some writers (safetensors) create
+their files 0600. JSON reads turn every failure into the caller's named error, with the file (and line
+and column for syntax errors).
 """
 
 from __future__ import annotations
@@ -22,10 +24,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def apply_umask(path: str | os.PathLike[str]) -> None:
+    """Give a file written by another library the mode ``open`` gives new files: 0666 less the umask."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set, then restore
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

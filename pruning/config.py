@@ -55,28 +55,46 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, positiona
 
 def resolve(cls: type[T], args: argparse.Namespace) -> T:
     """Merge defaults, ``--config``, ``key=value`` overrides and flags into a ``cls`` instance."""
-    from omegaconf import OmegaConf
-
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     if getattr(args, "_config", None):
-        path = Path(args._config)
-        if not path.is_file():
-            raise ConfigError(f"--config: file {path} does not exist")
-        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        values.update(_known(loaded or {}, names, where=str(path)))
+        values.update(_known(load_yaml(Path(args._config)), names, where=str(args._config)))
     overrides = [o for o in getattr(args, "overrides", []) or []]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"unexpected argument {item!r}: overrides must look like key=value (keys: {sorted(names)})")
         key, value = item.split("=", 1)
         key = key.lstrip("+")
-        values.update(_known({key: OmegaConf.create({"v": value})["v"] if value else value}, names, where="override"))
+        values.update(_known({key: _override_value(key, value)}, names, where="override"))
     for name in names:
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
     return coerce(cls, values)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """The keys of a ``--config`` YAML file (a mapping; interpolations resolved), or a :class:`ConfigError`."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not path.is_file():
+        raise ConfigError(f"--config: file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--config {path} is not valid YAML{where}: {problem}") from None
+    except (OmegaConfBaseException, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of keys (key: value lines), found a YAML {type(loaded).__name__}")
+    return loaded
 
 
 def coerce(cls: type[T], values: dict[str, Any]) -> T:
@@ -98,8 +116,21 @@ def coerce(cls: type[T], values: dict[str, Any]) -> T:
     return instance
 
 
+def _override_value(key: str, value: str) -> Any:
+    """A ``key=value`` override's value, typed as YAML would type it (``ratio=0.5`` is a float)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not value:
+        return value
+    try:
+        return OmegaConf.create({"v": value})["v"]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"override {key}={value}: cannot parse the value ({str(exc).splitlines()[0]})") from None
+
+
 def _known(data: dict[str, Any], names: set[str], *, where: str) -> dict[str, Any]:
-    unknown = sorted(set(data) - names)
+    unknown = sorted(str(key) for key in set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; this command accepts {sorted(names)}")
     return dict(data)

@@ -29,12 +29,12 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from pruning.atomic import write_text
 from pruning.errors import UserError
 
 SPM_CHOICES = ("flores200", "flores101", "none")
@@ -165,12 +165,12 @@ def eval_directions(*, pairs: Sequence[str] = (), langs: Sequence[str] = ()) -> 
 
 
 # ---- score files ---------------------------------------------------------------------------------
-def write_scores_tsv(path: Path, scores: Iterable[DirectionScore]) -> None:
-    """The paper's columns, plus ``off_target`` when any direction has it (``--lid``)."""
+def scores_tsv(scores: Iterable[DirectionScore]) -> str:
+    """The TSV's text: the paper's columns, plus ``off_target`` when any direction has it (``--lid``)."""
     scores = list(scores)
     extra = any(s.off_target is not None for s in scores)
     lines = ["\t".join(TSV_COLUMNS + ((OFF_TARGET,) if extra else ()))] + ["\t".join(s.row(off_target=extra)) for s in scores]
-    _write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def read_scores(path: str | os.PathLike[str]) -> dict[str, dict[str, Optional[float]]]:
@@ -316,59 +316,134 @@ def evaluate_model(
     lid: Any = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    long_input: str = "error",
 ) -> EvaluationResult:
     """Translate and score every direction; write hypotheses, the TSV and the summary (see module doc).
 
-    ``lid``: a :class:`pruning.lid.LanguageIdentifier` for the off-target rate, or None.
+    Everything is checked before the first translation: the FLORES files, the export's directions, the
+    tokenizer's language codes, the sources' lengths (``long_input``, as ``translate``), the identifier's
+    languages. The three outputs are then written as one set: the hypotheses go to a temporary directory,
+    and the TSV, the summary and the hypotheses replace the previous ones together once every direction is
+    scored; a failure leaves the previous set untouched. ``lid``: a
+    :class:`pruning.lid.LanguageIdentifier` for the off-target rate, or None.
     """
-    from pruning.data.flores import FloresDir
     from pruning.translate import DecodingOptions, translate_sentences
 
     options = options or DecodingOptions()
     options.validate()
-    if max_sentences is not None and max_sentences < 1:
-        raise EvaluateError(f"--max-sentences must be positive, got {max_sentences}")
     if spm not in SPM_CHOICES:
         raise EvaluateError(f"--spm must be one of {', '.join(SPM_CHOICES)}, got {spm!r}")
-    flores = FloresDir(data)
-    available = flores.languages(split)
-    absent = sorted({lang for pair in directions for lang in pair} - set(available))
-    if absent:
-        raise EvaluateError(f"language(s) {absent} have no {split} file in {flores.root}; it has {len(available)}: {', '.join(available[:20])}")
-    manifest = getattr(model, "manifest", None)
-    if manifest:
-        from pruning.manifest import direction_experts
-
-        for src, tgt in directions:  # fail before translating anything
-            direction_experts(manifest, src, tgt)
+    flores = check_data(data, split=split, directions=directions, max_sentences=max_sentences)
+    check_model_serves(model, directions, flores=flores, split=split, max_sentences=max_sentences, long_input=long_input)
     if lid is not None:
         check_lid_targets(lid, [tgt for _, tgt in directions])
     scorer = Scorer(spm)
     if scorer.spbleu_problem and spm != "none":
         warnings.warn(f"{scorer.spbleu_problem}. spBLEU is reported as {NA}; chrF++ is computed.", stacklevel=2)
     tsv, hyp_dir, summary_path = output_paths(out)
-    hyp_dir.mkdir(parents=True, exist_ok=True)
-    scores: list[DirectionScore] = []
-    for src, tgt in directions:
-        sources = flores.read(src, split)[:max_sentences]
-        references = flores.read(tgt, split)[:max_sentences]
-        hypotheses = translate_sentences(model, sources, src=src, tgt=tgt, options=options, progress=progress)
-        _write_text(hyp_dir / f"{src}-{tgt}.txt", "".join(f"{h}\n" for h in hypotheses))
-        score = scorer.score(f"{src}-{tgt}", hypotheses, references)
-        if lid is not None:
-            from pruning.lid import off_target_rate
+    staged = hyp_dir.with_name(f".{hyp_dir.name}.partial-{os.getpid()}")
+    try:
+        _fresh_directory(staged)
+        scores: list[DirectionScore] = []
+        for src, tgt in directions:
+            sources = flores.read(src, split)[:max_sentences]
+            references = flores.read(tgt, split)[:max_sentences]
+            name = flores.path(src, split)
+            hypotheses = translate_sentences(
+                model, sources, src=src, tgt=tgt, options=options, progress=progress, long_input=long_input,
+                line_name=lambda i, name=name: f"{name}:{i + 1}",  # type: ignore[misc]
+            )
+            (staged / f"{src}-{tgt}.txt").write_text("".join(f"{h}\n" for h in hypotheses), encoding="utf-8")
+            score = scorer.score(f"{src}-{tgt}", hypotheses, references)
+            if lid is not None:
+                from pruning.lid import off_target_rate
 
-            score.off_target = off_target_rate(lid.predict(hypotheses), tgt)
-        scores.append(score)
-        shown = "" if lid is None else f"\toff-target {_fmt(score.off_target)}%"
-        log(f"{score.direction}\tspBLEU {_fmt(score.spbleu)}\tchrF++ {_fmt(score.chrf)}{shown}")
-    write_scores_tsv(tsv, scores)
-    summary = build_summary(
-        model, scores, scorer=scorer, options=options, split=split, data=flores.root, max_sentences=max_sentences,
-        model_path=model_path, hypotheses=hyp_dir, lid=lid,
-    )
-    _write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+                score.off_target = off_target_rate(lid.predict(hypotheses), tgt)
+            scores.append(score)
+            shown = "" if lid is None else f"\toff-target {_fmt(score.off_target)}%"
+            log(f"{score.direction}\tspBLEU {_fmt(score.spbleu)}\tchrF++ {_fmt(score.chrf)}{shown}")
+        summary = build_summary(
+            model, scores, scorer=scorer, options=options, split=split, data=flores.root, max_sentences=max_sentences,
+            model_path=model_path, hypotheses=hyp_dir, lid=lid,
+        )
+        if long_input != "error":
+            summary["settings"]["long_input"] = long_input
+        publish_together(staged, hyp_dir, {tsv: scores_tsv(scores), summary_path: json.dumps(summary, indent=2, sort_keys=True) + "\n"})
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     return EvaluationResult(scores, summary, tsv, hyp_dir, summary_path)
+
+
+def check_data(data: str | os.PathLike[str], *, split: str, directions: Sequence[tuple[str, str]], max_sentences: Optional[int] = None) -> Any:
+    """The FLORES directory (a :class:`~pruning.data.flores.FloresDir`) after checking that it holds every direction's files."""
+    from pruning.data.flores import FloresDir
+
+    if max_sentences is not None and max_sentences < 1:
+        raise EvaluateError(f"--max-sentences must be positive, got {max_sentences}")
+    flores = FloresDir(data)
+    available = flores.languages(split)
+    absent = sorted({lang for pair in directions for lang in pair} - set(available))
+    if absent:
+        raise EvaluateError(f"language(s) {absent} have no {split} file in {flores.root}; it has {len(available)}: {', '.join(available[:20])}")
+    flores.num_lines(split)  # the files are line-aligned
+    return flores
+
+
+def check_model_serves(
+    model: Any, directions: Sequence[tuple[str, str]], *, flores: Any, split: str, max_sentences: Optional[int], long_input: str,
+) -> None:
+    """Every direction is one the model serves (an export's manifest), with codes its tokenizer knows and
+    sources that fit its positions (with ``long_input`` error): checked before anything is translated."""
+    from pruning.translate import TranslateError, check_direction_codes, fit_sources, source_limit
+
+    manifest = getattr(model, "manifest", None)
+    if manifest:
+        from pruning.manifest import direction_experts
+
+        for src, tgt in directions:
+            direction_experts(manifest, src, tgt)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise TranslateError("the model has no tokenizer: put sentencepiece.bpe.model or tokenizer_config.json beside its weights")
+    check_direction_codes(tokenizer, directions)
+    limit = source_limit(model)
+    if limit is None or long_input != "error":
+        return
+    for src in dict.fromkeys(src for src, _ in directions):
+        tokenizer.src_lang = src
+        sources = flores.read(src, split)[:max_sentences]
+        encoded = tokenizer(sources, add_special_tokens=True, verbose=False)["input_ids"] if sources else []
+        name = flores.path(src, split)
+        fit_sources(encoded, limit=limit, long_input="error", tokenizer=tokenizer, where=lambda i: f"{name}:{i + 1}", warn=lambda _: None)
+
+
+def _fresh_directory(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()
+
+
+def publish_together(staged: Path, directory: Path, files: dict[Path, str]) -> None:
+    """Replace ``directory`` by ``staged`` and write ``files``, as one set: every file is written to a
+    temporary name first, then the renames follow one another (no work left between them)."""
+    temporary = {path: path.with_name(f".{path.name}.tmp-{os.getpid()}") for path in files}
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    try:
+        for path, text in files.items():
+            temporary[path].write_text(text, encoding="utf-8")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(staged, directory)
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.exists():
+            old.unlink()
 
 
 def build_summary(
@@ -473,6 +548,3 @@ def _versions() -> dict[str, str]:
 
     return {"nllb-prune": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "sacrebleu": sacrebleu.__version__}
 
-
-def _write_text(path: Path, text: str) -> None:
-    write_text(path, text)

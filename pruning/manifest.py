@@ -168,11 +168,47 @@ def check_manifest(data: Any, *, what: str = MANIFEST_NAME) -> None:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ManifestError(f"{what}: not an nllb-prune export manifest (format {found!r}, expected {FORMAT!r})")
-    if int(data.get("format_version", -1)) > FORMAT_VERSION:
+    version = data.get("format_version", -1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ManifestError(f"{what}: 'format_version' must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise ManifestError(f"{what}: format version {data['format_version']}, this toolkit reads <= {FORMAT_VERSION}")
     for key in ("topology", "experts", "directions"):
         if not isinstance(data.get(key), dict):
             raise ManifestError(f"{what}: missing or malformed {key!r}")
+    try:
+        manifest_topology(data)
+    except (UserError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{what}: malformed 'topology' ({exc})") from None
+    for key in ("experts", "directions"):
+        for name, ids in data[key].items():
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ManifestError(f"{what}: {key}[{name!r}] must be a list of expert ids (integers >= 0), got {str(ids)[:60]}")
+    layers = [*data["experts"], *_policy_layer_names(data.get("policy"))]
+    bad = [name for name in layers if not re.fullmatch(r"(encoder|decoder)\.\d+", str(name))]
+    if bad:
+        raise ManifestError(f"{what}: layer key(s) {bad[:4]} are not of the form 'encoder.N' or 'decoder.N'")
+    _check_policy(data.get("policy"), what=what)
+
+
+def _policy_layer_names(policy: Any) -> list[str]:
+    layers = policy.get("layers") if isinstance(policy, dict) else None
+    return list(layers) if isinstance(layers, dict) else []
+
+
+def _check_policy(policy: Any, *, what: str) -> None:
+    if policy is None:
+        return
+    if not isinstance(policy, dict) or not isinstance(policy.get("name", DROP), str):
+        raise ManifestError(f"{what}: 'policy' must be an object with a 'name', got {str(policy)[:60]}")
+    if policy.get("name", DROP) == DROP:
+        return
+    layers = policy.get("layers")
+    if not isinstance(layers, dict):
+        raise ManifestError(f"{what}: policy {policy['name']!r} has no 'layers' object")
+    for name, entry in layers.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("rows", []), list) or not isinstance(entry.get("to", []), list):
+            raise ManifestError(f"{what}: policy layer {name!r} must be an object with lists 'rows' and 'to', got {str(entry)[:60]}")
 
 
 def policy_name(manifest: Optional[Mapping[str, Any]]) -> str:

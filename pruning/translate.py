@@ -7,12 +7,18 @@
 * Blank input lines give blank output lines without running the model.
 * A pruned export serving several directions routes each direction over its own experts
   (:func:`set_direction`, from the export's manifest) before translating it.
+* A source longer than the model's positions (``max_position_embeddings``, 1,024 for NLLB-200, its
+  language code and ``</s>`` included) is, by ``long_input`` (``--long-input``): an error before anything
+  is translated (``error``, the default), cut to its first tokens (``truncate``), or translated in pieces
+  of at most that many tokens, cut before a word where one starts in the piece's second half, whose
+  translations are joined by a space (``split``); both with a warning naming the line.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +27,9 @@ from pruning.errors import UserError
 from pruning.manifest import set_direction
 
 __all__ = ["DecodingOptions", "TranslateError", "make_batches", "set_direction", "translate_sentences"]
+
+LONG_INPUT_CHOICES = ("error", "truncate", "split")
+"""What happens to a source longer than the model's positions (see the module doc)."""
 
 
 class TranslateError(UserError):
@@ -69,15 +78,16 @@ def make_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[list[int]
 
 
 def language_token_id(tokenizer: Any, code: str, *, flag: str) -> int:
-    """The tokenizer's id of language code ``code``; a clear error when it does not know the code."""
+    """The tokenizer's id of language code ``code``; a clear error, naming ``flag``, when it does not know the code."""
     token_id = tokenizer.convert_tokens_to_ids(code)
     if token_id is None or token_id == tokenizer.unk_token_id:
-        from pruning.data.languages import nllb_codes
+        from pruning.data.languages import tokenizer_codes
 
-        known = [c for c in nllb_codes() if tokenizer.convert_tokens_to_ids(c) != tokenizer.unk_token_id]
+        known = tokenizer_codes(tokenizer)
         close = [c for c in known if c[:3] == code[:3]]
         hint = f" (did you mean {', '.join(close[:4])}?)" if close else ""
-        raise TranslateError(f"{flag} {code!r} is not a language code of this model's tokenizer{hint}; it knows {len(known)} codes, e.g. {', '.join(known[:8])}")
+        shown = f": {', '.join(known[:12])}{' ...' if len(known) > 12 else ''}" if known else ""
+        raise TranslateError(f"{flag} {code!r} is not a language code of this model's tokenizer{hint}; it knows {len(known)} codes{shown}")
     return int(token_id)
 
 
@@ -104,6 +114,73 @@ def vocabulary_limit(model: Any, tokenizer: Any) -> Any:
     return LogitsProcessorList([_BeyondTokenizer(len(tokenizer))] if rows > len(tokenizer) else [])
 
 
+def check_direction_codes(tokenizer: Any, directions: Sequence[tuple[str, str]]) -> None:
+    """Every direction's languages must be codes of ``tokenizer`` (before anything is translated)."""
+    for src, tgt in directions:
+        language_token_id(tokenizer, src, flag=f"direction {src}-{tgt}: source language")
+        language_token_id(tokenizer, tgt, flag=f"direction {src}-{tgt}: target language")
+
+
+# ---- sources longer than the model's positions -----------------------------------------------------
+def source_limit(model: Any) -> Optional[int]:
+    """Most source tokens ``model`` reads, its language code and ``</s>`` included (None: unknown)."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def fit_sources(
+    encoded: Sequence[list[int]],
+    *,
+    limit: Optional[int],
+    long_input: str,
+    tokenizer: Any,
+    where: Callable[[int], str],
+    warn: Callable[[str], None],
+) -> tuple[list[list[int]], list[int]]:
+    """Pieces of at most ``limit`` tokens (``[code] tokens </s>``) and, per piece, the index of its source."""
+    if long_input not in LONG_INPUT_CHOICES:
+        raise TranslateError(f"--long-input must be one of {', '.join(LONG_INPUT_CHOICES)}, got {long_input!r}")
+    pieces: list[list[int]] = []
+    owners: list[int] = []
+    for i, ids in enumerate(encoded):
+        fitted = [list(ids)] if limit is None or len(ids) <= limit else _cut(list(ids), limit=limit, long_input=long_input, tokenizer=tokenizer, name=where(i), warn=warn)
+        pieces += fitted
+        owners += [i] * len(fitted)
+    return pieces, owners
+
+
+def _cut(ids: list[int], *, limit: int, long_input: str, tokenizer: Any, name: str, warn: Callable[[str], None]) -> list[list[int]]:
+    """One source longer than ``limit``: an error, its first tokens, or its pieces (each ``[code] tokens </s>``)."""
+    head, tail = len(getattr(tokenizer, "prefix_tokens", [0])), len(getattr(tokenizer, "suffix_tokens", [0]))
+    prefix, body, suffix = ids[:head], ids[head : len(ids) - tail], ids[len(ids) - tail :]
+    room = limit - head - tail
+    too_long = f"{name} has {len(ids)} tokens, more than the {limit} positions the model reads (max_position_embeddings, its language code and </s> included)"
+    if long_input == "error":
+        raise TranslateError(f"{too_long}; choose --long-input truncate (keep its first {room} tokens) or split (translate it in pieces)")
+    if long_input == "truncate":
+        warn(f"{too_long}: translated its first {room} tokens only")
+        return [prefix + body[:room] + suffix]
+    parts = split_tokens(body, size=room, word_start=lambda t: str(tokenizer.convert_ids_to_tokens(t)).startswith("\u2581"))
+    warn(f"{too_long}: translated in {len(parts)} pieces joined by a space")
+    return [prefix + part + suffix for part in parts]
+
+
+def split_tokens(body: list[int], *, size: int, word_start: Callable[[int], bool]) -> list[list[int]]:
+    """``body`` in pieces of at most ``size`` tokens, each cut before a word start in its second half if there is one."""
+    pieces, start = [], 0
+    while len(body) - start > size:
+        end = start + size
+        cut = next((j for j in range(end, start + size // 2, -1) if word_start(body[j])), end)
+        pieces.append(body[start:cut])
+        start = cut
+    pieces.append(body[start:])
+    return pieces
+
+
+def _stderr_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def translate_sentences(
     model: Any,
     sentences: Sequence[str],
@@ -113,8 +190,15 @@ def translate_sentences(
     options: DecodingOptions = DecodingOptions(),
     tokenizer: Any = None,
     progress: bool = False,
+    long_input: str = "error",
+    line_name: Callable[[int], str] = lambda i: f"sentence {i + 1}",
+    warn: Callable[[str], None] = _stderr_warning,
 ) -> list[str]:
-    """Translate ``sentences`` from ``src`` to ``tgt``; returns one line per input line, in input order."""
+    """Translate ``sentences`` from ``src`` to ``tgt``; returns one line per input line, in input order.
+
+    ``long_input`` (:data:`LONG_INPUT_CHOICES`) treats sources longer than the model's positions;
+    ``line_name(i)`` names sentence ``i`` in its error or warning.
+    """
     options.validate()
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -125,14 +209,17 @@ def translate_sentences(
         set_direction(model, src, tgt)
     tokenizer.src_lang = src
     todo = [i for i, s in enumerate(sentences) if s.strip()]
-    encoded = tokenizer([sentences[i] for i in todo], add_special_tokens=True)["input_ids"] if todo else []
-    outputs = [""] * len(sentences)
+    encoded = tokenizer([sentences[i] for i in todo], add_special_tokens=True, verbose=False)["input_ids"] if todo else []
+    pieces, owners = fit_sources(
+        encoded, limit=source_limit(model), long_input=long_input, tokenizer=tokenizer, where=lambda j: line_name(todo[j]), warn=warn,
+    )
+    translated = [""] * len(pieces)
     device = next(model.parameters()).device
-    bar = tqdm(total=len(sentences), desc=f"{src}-{tgt}", unit="sent", disable=not progress)
+    bar = tqdm(total=len(sentences) - len(todo) + len(pieces), desc=f"{src}-{tgt}", unit="sent", disable=not progress)
     bar.update(len(sentences) - len(todo))
     with torch.inference_mode():
-        for batch in make_batches([len(ids) for ids in encoded], batch_tokens=options.batch_tokens):
-            padded = tokenizer.pad({"input_ids": [encoded[j] for j in batch]}, return_tensors="pt")
+        for batch in make_batches([len(ids) for ids in pieces], batch_tokens=options.batch_tokens):
+            padded = tokenizer.pad({"input_ids": [pieces[j] for j in batch]}, return_tensors="pt")
             generated = model.generate(
                 input_ids=padded["input_ids"].to(device),
                 attention_mask=padded["attention_mask"].to(device),
@@ -144,9 +231,15 @@ def translate_sentences(
             )  # [batch, <= 1 + 1 + max_length]: decoder start, target code, tokens
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
             for j, text in zip(batch, texts):
-                outputs[todo[j]] = text.replace("\n", " ")
+                translated[j] = text.replace("\n", " ")
             bar.update(len(batch))
     bar.close()
+    joined: list[list[str]] = [[] for _ in todo]
+    for owner, text in zip(owners, translated):
+        joined[owner].append(text)
+    outputs = [""] * len(sentences)
+    for j, parts in enumerate(joined):
+        outputs[todo[j]] = " ".join(part for part in parts if part)
     return outputs
 
 

@@ -102,9 +102,17 @@ def test_halves_with_first_sentence_merge_into_the_whole(chunked, tiny_hf_dir, f
             for name in expected.counters[side]:
                 torch.testing.assert_close(got.counters[side][name], expected.counters[side][name], rtol=1e-12, atol=1e-12)
             assert_counters_close(merged.side(direction, side), chunked.side(direction, side), what=side, rtol=1e-12, atol=1e-12, rank_atol=0)
-    # the same sentences twice: refused, naming the chunk
+    # the same sentences twice: kept once (they hold equal counters); an overlapping range: refused
+    again = first.merge(first, what="a again")
+    assert again.kept_once == sorted(PAIRS) and again.chunks[PAIRS[0]].ids.tolist() == [0]
+    assert [key[:3] for key in again.items()] == [key[:3] for key in first.items()]
+    assert all(torch.equal(value, first.counters[d][s][n]) for d, s, n, value in again.items())
+    with pytest.raises(StatsError, match=r"lines 0\.\.6 there and over lines 0\.\.2 of the same data .* the ranges overlap"):
+        first.merge(chunked, what="whole")
+    # files that do not say which sentences they counted: the repeated chunk is what refuses them
+    anonymous = RoutingStats(first.topology, first.counters, {}, first.chunks, first.chunk_sentences)
     with pytest.raises(StatsError, match=r"chunk\(s\) \[0\] are in both files"):
-        first.merge(first, what="a again")
+        anonymous.merge(anonymous, what="a again")
 
 
 def test_merge_refuses_other_chunk_size_and_mixed_chunking(chunked, whole):

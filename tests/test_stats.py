@@ -3,6 +3,7 @@ merge, resume, bad input, the paper's JSON, on the tiny real-topology model."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -191,7 +192,8 @@ def test_info_identifies_model_data_and_versions(teacher_stats, tiny_hf_dir, flo
     info = teacher_stats.info
     assert info["model"]["path"] == str(tiny_hf_dir) and info["model"]["layout"] == "hf"
     assert len(info["model"]["config_sha256"]) == 64 and info["model"]["router_fingerprint"]
-    assert info["data"] == {"dir": str(flores), "split": "dev", "max_sentences": None, "first_sentence": 0}
+    files = {f"{lang}.dev": hashlib.sha256((flores / "dev" / f"{lang}.dev").read_bytes()).hexdigest() for lang in (FRA, DEU, ENG)}
+    assert info["data"] == {"dir": str(flores), "split": "dev", "max_sentences": None, "first_sentence": 0, "files": files}
     assert info["chunk_sentences"] is None and not teacher_stats.chunks
     assert info["mode"] == "teacher" and info["beam"] is None
     assert info["sentences"] == {d: 6 for d in teacher_stats.directions}

@@ -25,7 +25,9 @@ from typing import Any, Iterator, Optional, Protocol, Union
 
 import torch
 
+from pruning.atomic import read_json
 from pruning.checkpoint import keymap
+from pruning.checkpoint.consistency import check_config_data, check_experts
 from pruning.checkpoint.torch_zip import CheckpointError, LazyTensor, find_in_opaque, map_bytes, read_pickle
 from pruning.topology import Topology
 
@@ -184,6 +186,7 @@ def _open_hf(directory: Path) -> CheckpointReader:
     from transformers import NllbMoeConfig
 
     config_path = directory / "config.json"
+    check_config_data(read_json(config_path, error=CheckpointError, what="model config"), path=config_path)
     try:
         config = NllbMoeConfig.from_json_file(str(config_path))
     except (OSError, ValueError) as exc:
@@ -206,8 +209,9 @@ def _open_hf(directory: Path) -> CheckpointReader:
             entries.append(Entry(str(name), tensor, file, key))
     if unknown:
         raise CheckpointError(f"{directory}: unknown tensor names (not NLLB-MoE): {sorted(unknown)[:20]}")
-    manifest_path = directory / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    from pruning.manifest import read_manifest
+
+    manifest = read_manifest(directory)
     reader = CheckpointReader("hf", directory, config, files, entries, _tokenizer_dir(directory), manifest)
     _check_complete(reader)
     return reader
@@ -217,10 +221,10 @@ def _hf_weight_files(directory: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = directory / index_name
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index_path}: malformed shard index ({exc})") from exc
+            index = read_json(index_path, error=CheckpointError, what="shard index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index_path}: malformed shard index: expected an object with a 'weight_map' of tensor name -> file name, got {_shape_of(index)}")
             files = [directory / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -230,6 +234,12 @@ def _hf_weight_files(directory: Path) -> list[Path]:
         if (directory / name).is_file():
             return [directory / name]
     raise CheckpointError(f"{directory}: no weight files ({list(HF_WEIGHT_FILES)})")
+
+
+def _shape_of(data: Any) -> str:
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}"
+    return f"'weight_map': {type(data.get('weight_map')).__name__}" if "weight_map" in data else f"keys {sorted(data)[:5]}"
 
 
 def _hf_file_tensors(file: Path) -> Iterator[tuple[str, Union[LazyTensor, SafetensorsTensor]]]:
@@ -385,7 +395,8 @@ def _fairseq_config(entries: list[Entry], shared_obj: Any, shared_path: Path, nu
     if heads is None:
         sidecar = shared_path.parent / "config.json"
         if sidecar.is_file():
-            heads = json.loads(sidecar.read_text()).get("encoder_attention_heads")
+            data = read_json(sidecar, error=CheckpointError, what="config")
+            heads = data.get("encoder_attention_heads") if isinstance(data, dict) else None
     if heads is None and d_model == 2048:
         heads = 16  # NLLB-200 MoE 54.5B
     if heads is None:
@@ -471,6 +482,7 @@ def _check_complete(reader: CheckpointReader) -> None:
     if extra:
         raise CheckpointError(f"{reader.path}: {len(extra)} tensor(s) that the config's topology does not have: {extra[:10]}")
     _check_shapes(reader, present)
+    check_experts(reader)  # num_experts (and an export's manifest) against the experts held
 
 
 def expected_shape(name: str, config: Any, *, router_rows: int) -> tuple[int, ...]:

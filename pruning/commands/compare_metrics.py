@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.locking import claim_output
 from pruning.select import SelectOptions
 
 NAME = "compare-metrics"
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from pruning.analysis import print_report
 
     config = resolve(CompareMetricsConfig, args)
-    result, written = compare(config)
+    with claim_output(config.out, command=NAME, kind="folder"):
+        result, written = compare(config)
     return print_report(summary_lines(result), written)
 
 

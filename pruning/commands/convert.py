@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.locking import claim_output
 
 NAME = "convert"
 HELP = "Convert a checkpoint between layouts and dtypes (HF safetensors shards + config, or fairseq shared + rank files), streaming."
@@ -35,9 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from pruning.model.loading import parse_dtype
 
     config = resolve(ConvertConfig, args)
-    out = convert_checkpoint(
-        config.src, config.out, dtype=parse_dtype(config.dtype), overwrite=config.overwrite,
-        max_shard_bytes=int(config.shard_gb * 2**30), layout=config.layout,
-    )
+    with claim_output(config.out, command=NAME, kind="directory"):
+        out = convert_checkpoint(
+            config.src, config.out, dtype=parse_dtype(config.dtype), overwrite=config.overwrite,
+            max_shard_bytes=int(config.shard_gb * 2**30), layout=config.layout,
+        )
     print(f"wrote {out}")
     return 0

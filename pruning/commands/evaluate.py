@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.locking import claim_output
 
 NAME = "evaluate"
 HELP = "Translate FLORES-200 directions and score chrF++ and spBLEU (sacrebleu); write the paper's per-direction TSV."
@@ -33,6 +34,10 @@ class EvaluateConfig:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
     dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: the checkpoint's)", "choices": ["bf16", "fp16", "fp32"]})
     lid: Optional[str] = field(default=None, metadata={"help": "language-identification model (fastText .bin/.ftz with FLORES labels, or `nllb-prune train-lid` JSON): adds the off-target rate"})
+    long_input: str = field(default="error", metadata={
+        "help": "a sentence longer than the model's positions: error (before translating anything), truncate or split (as translate --long-input)",
+        "choices": ["error", "truncate", "split"],
+    })
 
     def validate(self) -> None:
         missing = [flag for flag, value in (("--model", self.model), ("--data", self.data), ("--out", self.out)) if not value]
@@ -42,8 +47,11 @@ class EvaluateConfig:
             raise ConfigError("give exactly one of --pairs src-tgt,... and --langs L1,L2,...")
         if self.max_sentences is not None and self.max_sentences < 1:
             raise ConfigError(f"--max-sentences must be positive, got {self.max_sentences}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        from pruning.model.loading import check_device
+
+        check_device(self.device)
+        if self.long_input not in ("error", "truncate", "split"):
+            raise ConfigError(f"--long-input must be error, truncate or split, got {self.long_input!r}")
         self.decoding().validate()
 
     def decoding(self):  # noqa: ANN201 - DecodingOptions, imported lazily
@@ -57,11 +65,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pruning.evaluate import compare_scores, eval_directions, evaluate_model, read_scores
-    from pruning.translate import load_for_translation
+    from pruning.evaluate import output_paths
 
     config = resolve(EvaluateConfig, args)
+    tsv, hypotheses, summary = output_paths(config.out)
+    with claim_output(tsv, command=NAME, companions=(hypotheses, summary)):
+        return evaluate(config)
+
+
+def evaluate(config: EvaluateConfig) -> int:
+    from pruning.evaluate import check_data, compare_scores, eval_directions, evaluate_model, read_scores
+    from pruning.translate import load_for_translation
+
     directions = eval_directions(pairs=config.pairs, langs=config.langs)
+    check_data(config.data, split=config.split, directions=directions, max_sentences=config.max_sentences)  # before loading the model
     other = read_scores(config.compare) if config.compare else None  # a bad file fails before any translation
     lid = None
     if config.lid:
@@ -75,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_model(
         model, data=config.data, out=config.out, directions=directions, split=config.split, max_sentences=config.max_sentences,
         options=config.decoding(), spm=config.spm, model_path=config.model, lid=lid, progress=sys.stderr.isatty(),
+        long_input=config.long_input,
     )
     mean = result.summary["mean"]
     show = {k: ("NA" if v is None else f"{v:.2f}") for k, v in mean.items()}

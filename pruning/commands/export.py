@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.locking import claim_output
 
 NAME = "export"
 HELP = "Write a pruned single-GPU checkpoint: the dense part plus the experts an expert index keeps for some directions."
@@ -63,17 +64,18 @@ def run(args: argparse.Namespace) -> int:
 
     config = resolve(ExportConfig, args)
     directions = parse_directions(src=config.src, tgt=config.tgt, langs=config.langs, pairs=config.pairs)
-    out = export_checkpoint(
-        config.model,
-        experts=config.experts,
-        out=config.out,
-        directions=directions,
-        dtype=parse_dtype(config.dtype),
-        overwrite=config.overwrite,
-        max_shard_bytes=int(config.shard_gb * 2**30),
-        policy=config.policy,
-        stats=config.stats or None,
-    )
+    with claim_output(config.out, command=NAME, kind="directory"):
+        out = export_checkpoint(
+            config.model,
+            experts=config.experts,
+            out=config.out,
+            directions=directions,
+            dtype=parse_dtype(config.dtype),
+            overwrite=config.overwrite,
+            max_shard_bytes=int(config.shard_gb * 2**30),
+            policy=config.policy,
+            stats=config.stats or None,
+        )
     print(f"source {config.model}")
     for line in summarize(out, read_manifest(out) or {}):
         print(line)

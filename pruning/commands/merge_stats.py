@@ -6,9 +6,13 @@ import argparse
 from dataclasses import dataclass, field
 
 from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.locking import claim_output
 
 NAME = "merge-stats"
-HELP = "Add the counters of statistics files of one model topology (e.g. the halves of a corpus, or per-language runs) into one file."
+HELP = (
+    "Add the counters of statistics files of one model topology (e.g. the halves of a corpus, or per-language runs) into one "
+    "file; a direction counted over the same sentences in several files is kept once, overlapping sentence ranges are refused."
+)
 
 
 @dataclass
@@ -40,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     if files:
         args.inputs = files
     config = resolve(MergeStatsConfig, args)
-    merged = merge_files(config.inputs)
-    path = merged.save(config.out)
-    print(f"merged {len(config.inputs)} file(s), {len(merged.directions)} direction(s): wrote {path}")
+    with claim_output(config.out, command=NAME, inputs=[("input", item) for item in config.inputs]):
+        merged = merge_files(config.inputs)
+        path = merged.save(config.out)
+    once = merged.kept_once
+    kept = f" ({len(once)} of them counted over the same sentences in several files, kept once: {', '.join(once[:6])}{' ...' if len(once) > 6 else ''})" if once else ""
+    print(f"merged {len(config.inputs)} file(s), {len(merged.directions)} direction(s){kept}: wrote {path}")
     return 0

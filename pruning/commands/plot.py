@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.locking import claim_output
 
 NAME = "plot"
 HELP = "Draw expert-usage heatmaps (from statistics), experts kept per layer and language similarity (from an index)."
@@ -41,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = resolve(PlotConfig, args)
-    for path in draw(config):
+    with claim_output(config.out, command=NAME, kind="folder"):
+        written = draw(config)
+    for path in written:
         print(f"wrote {path}")
     return 0
 

@@ -10,6 +10,7 @@ from typing import Optional
 from pruning.commands.export import DTYPE_CHOICES, ExportConfig
 from pruning.commands.select import SelectConfig
 from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.locking import claim_output
 from pruning.select import SelectOptions
 
 NAME = "prune"
@@ -77,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = resolve(PruneConfig, args)
-    for line in prune(config):
+    with claim_output(config.out, command=NAME, kind="directory"):
+        lines = prune(config)
+    for line in lines:
         print(line)
     return 0
 

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.locking import claim_output
 from pruning.select import SelectOptions
 
 NAME = "select"
@@ -39,10 +40,11 @@ def run(args: argparse.Namespace) -> int:
     from pruning.stats.paper_json import load_statistics
 
     config = resolve(SelectConfig, args)
-    stats = load_statistics(config.stats) if config.stats else None  # None: a data-free metric (validated)
-    selection = select_experts(stats, config)
-    validate_index(selection.index, selection.topology, min_per_layer=config.min_per_layer, what="selected index")
-    path = write_index(selection.index, config.out)
+    with claim_output(config.out, command=NAME, inputs=[("--stats", config.stats)] if config.stats else []):
+        stats = load_statistics(config.stats) if config.stats else None  # None: a data-free metric (validated)
+        selection = select_experts(stats, config)
+        validate_index(selection.index, selection.topology, min_per_layer=config.min_per_layer, what="selected index")
+        path = write_index(selection.index, config.out)
     for line in selection.summary():
         print(line)
     print(f"wrote {path}")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.locking import claim_output
 from pruning.select import SelectOptions
 
 NAME = "stability"
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from pruning.analysis import print_report
 
     config = resolve(StabilityConfig, args)
-    result, written = measure(config)
+    with claim_output(config.out, command=NAME, kind="folder"):
+        result, written = measure(config)
     return print_report(summary_lines(result), written)
 
 

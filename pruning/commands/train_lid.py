@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.locking import claim_output
 
 NAME = "train-lid"
 HELP = "Train a character n-gram naive-Bayes language identifier (JSON) for `evaluate --lid`, from a FLORES-layout directory."
@@ -48,12 +49,13 @@ def run(args: argparse.Namespace) -> int:
     from pruning.lid import accuracy, read_language_texts, train_naive_bayes
 
     config = resolve(TrainLidConfig, args)
-    texts = read_language_texts(config.data, split=config.split, langs=config.langs, max_sentences=config.max_sentences)
-    source = {"data": str(config.data), "split": config.split, "sentences": {c: len(s) for c, s in texts.items()}}
-    lid = train_naive_bayes(
-        texts, ngram_range=(config.ngram_min, config.ngram_max), alpha=config.alpha, max_features=config.max_features, source=source,
-    )
-    path = lid.save(config.out)
+    with claim_output(config.out, command=NAME):
+        texts = read_language_texts(config.data, split=config.split, langs=config.langs, max_sentences=config.max_sentences)
+        source = {"data": str(config.data), "split": config.split, "sentences": {c: len(s) for c, s in texts.items()}}
+        lid = train_naive_bayes(
+            texts, ngram_range=(config.ngram_min, config.ngram_max), alpha=config.alpha, max_features=config.max_features, source=source,
+        )
+        path = lid.save(config.out)
     print(f"wrote {path}: {len(lid.codes)} languages, {len(lid.vocab)} n-grams ({config.ngram_min}-{config.ngram_max}), {path.stat().st_size / 1e3:.0f} kB")
     if config.eval_split:
         held_out = read_language_texts(config.eval_data or config.data, split=config.eval_split, langs=lid.codes)

@@ -108,3 +108,14 @@ def _suggest(code: str, allowed: Iterable[str]) -> str:
     if len(pool) <= 20:
         hint += f"; valid: {', '.join(pool)}"
     return hint
+
+
+def tokenizer_codes(tokenizer: object) -> list[str]:
+    """The language codes a tokenizer holds as tokens (its added special tokens of the ``xxx_Xxxx`` form), sorted.
+
+    Read from the tokenizer itself, not from the 202 NLLB codes: the testbed's tokenizer holds private-use
+    codes (``qbe_Latn``) and none of NLLB's.
+    """
+    added = getattr(tokenizer, "added_tokens_encoder", None) or {}
+    special = getattr(tokenizer, "additional_special_tokens", None) or []
+    return sorted({token for token in (*added, *special) if is_code_form(token)})

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
+from pruning.atomic import read_json
 from pruning.checkpoint import keymap
 from pruning.checkpoint.reader import CheckpointReader, open_checkpoint
 from pruning.checkpoint.torch_zip import CheckpointError
@@ -33,7 +34,24 @@ def parse_dtype(dtype: Any) -> Optional[torch.dtype]:
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(str(device))
     return torch.device(device)
+
+
+def check_device(device: str, *, flag: str = "--device") -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and a CUDA device only where this torch sees one."""
+    from pruning.config import ConfigError
+
+    index = device.partition(":")[2] if device.startswith("cuda:") else None
+    if device not in ("auto", "cpu", "cuda") and not (index is not None and index.isdigit()):
+        raise ConfigError(f"{flag} must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but no GPU is visible"
+        raise ConfigError(f"{flag} {device}: this torch {torch.__version__} is {build}; use {flag} cpu (or auto)")
+    if index is not None and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
 
 
 def load_model(
@@ -55,6 +73,7 @@ def load_model(
     (``experts`` must be None or everything it holds).
     """
     reader = open_checkpoint(path)
+    tokenizer = load_tokenizer(reader.tokenizer_dir) if reader.tokenizer_dir else None  # a bad tokenizer fails before the weights load
     available = reader.present_experts()
     selection = experts if experts is not None else (available or full_selection(reader.topology))
     _check_selection(selection, available, reader)
@@ -71,7 +90,7 @@ def load_model(
         model.set_dispatch(dispatch)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
-    model.tokenizer = load_tokenizer(reader.tokenizer_dir) if reader.tokenizer_dir else None
+    model.tokenizer = tokenizer
     model.source_path = str(path)  # type: ignore[attr-defined]
     model.source_layout = reader.layout  # type: ignore[attr-defined]
     model.manifest = reader.manifest  # type: ignore[attr-defined]
@@ -177,9 +196,26 @@ def load_tokenizer(directory: str | Path):  # noqa: ANN201 - a transformers toke
     from transformers import AutoTokenizer, NllbTokenizer
 
     directory = Path(directory)
-    if (directory / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(directory), use_fast=False)
+    config = directory / "tokenizer_config.json"
     spm = directory / "sentencepiece.bpe.model"
-    if spm.is_file():
-        return NllbTokenizer(vocab_file=str(spm))
+    try:
+        if spm.is_file():
+            import sentencepiece
+
+            sentencepiece.SentencePieceProcessor(model_file=str(spm))  # transformers answers a corrupt file with False
+        if config.is_file():
+            if not isinstance(read_json(config, error=CheckpointError, what="tokenizer config"), dict):
+                raise CheckpointError(f"tokenizer config {config} is not a JSON object of settings")
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), use_fast=False)
+            if not hasattr(tokenizer, "convert_tokens_to_ids"):
+                raise CheckpointError(f"{directory}: transformers made no tokenizer of tokenizer_config.json (it returned {tokenizer!r})")
+            return tokenizer
+        if spm.is_file():
+            return NllbTokenizer(vocab_file=str(spm))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # sentencepiece and transformers raise many types for a corrupt file
+        files = " and ".join(f.name for f in (config, spm) if f.is_file())
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{directory}: cannot load the tokenizer from {files} ({reason})") from exc
     raise CheckpointError(f"{directory}: no tokenizer files (sentencepiece.bpe.model or tokenizer_config.json)")

@@ -436,6 +436,9 @@ class StatsOptions:
             raise ConfigError(f"--langs needs at least two languages (every direction among them), got {self.langs}")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        from pruning.model.loading import check_device
+
+        check_device(self.device)
         for flag, value in (("--beam", self.beam), ("--max-new-tokens", self.max_new_tokens), ("--batch-tokens", self.batch_tokens), ("--expert-parallel", self.expert_parallel)):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
@@ -498,9 +501,11 @@ def check_languages(options: StatsOptions, flores: Any) -> None:
 
 
 def check_tokenizer_languages(tokenizer: Any, languages: list[str]) -> None:
+    from pruning.data.languages import tokenizer_codes
+
     unknown = [lang for lang in languages if tokenizer.convert_tokens_to_ids(lang) == tokenizer.unk_token_id]
     if unknown:
-        known = [t for t in getattr(tokenizer, "additional_special_tokens", []) if "_" in t]
+        known = tokenizer_codes(tokenizer)
         raise StatsError(
             f"the model's tokenizer has no language code for {unknown}; it knows {len(known)} codes"
             + (f": {', '.join(known[:10])} ..." if known else "")
@@ -663,10 +668,13 @@ def collect_statistics(options: StatsOptions) -> Path:
 
     The file is written atomically after each direction (each round of directions when several
     processes share the work), so an interruption loses at most the running one; ``--resume`` skips
-    the directions the file holds.
+    the directions the file holds, after checking that it was collected on the same FLORES files.
+    Rank 0 holds ``--out``'s lock (:mod:`pruning.locking`) from before the model loads to the end.
     """
     from pruning.data.flores import FloresDir
+    from pruning.locking import claim_output
     from pruning.stats import distributed
+    from pruning.stats.provenance import check_same_data, data_fingerprint, record_data
 
     options.validate()
     distributed.check_launch(options.expert_parallel)
@@ -675,11 +683,16 @@ def collect_statistics(options: StatsOptions) -> Path:
     out = Path(options.out)
     ctx = distributed.setup(expert_parallel=options.expert_parallel, device=options.device)
     held: dict[str, Any] = {}  # rank 0 only: the statistics being written
+    claim = contextlib.ExitStack()  # rank 0 only: --out's lock
 
     def check_out() -> None:
+        claim.enter_context(claim_output(out, command="stats"))
         held["previous"] = _previous(out, resume=options.resume)
+        held["files"] = data_fingerprint(flores, split=options.split, languages=options.languages())
+        if held["previous"] is not None:
+            check_same_data(held["previous"].info, held["files"], data_dir=options.data, path=out)
 
-    try:
+    with claim, contextlib.closing(ctx):  # on any failure: the process group closes, then the lock is released
         ctx.agree(check_out)
         model = _load(options, ctx)
         tokenizer = model.tokenizer
@@ -689,7 +702,9 @@ def collect_statistics(options: StatsOptions) -> Path:
         info = collection_info(options, model, expert_parallel=ctx.ep_size, data_parallel=ctx.dp_size, data_root=flores.root)
 
         def start() -> list[str]:
+            info["data"]["files"] = dict(held["files"])
             held["stats"] = _start_stats(held.get("previous"), info, model, out)
+            record_data(held["stats"].info, held["files"])
             return held["stats"].directions
 
         done = set(ctx.agree(start))  # every process learns which directions to skip, not the counters
@@ -699,8 +714,6 @@ def collect_statistics(options: StatsOptions) -> Path:
             _collect_rounds(options, ctx, model, collector, flores, todo, held.get("stats"), out)
         finally:
             collector.close()
-    finally:
-        ctx.close()
     return out
 
 

@@ -131,6 +131,8 @@ class RoutingStats:
     """Per direction collected with ``--chunk-sentences``: its counters per chunk."""
     chunk_sentences: int | None = None
     """K, sentences per chunk (one per file); None when no direction has chunks."""
+    kept_once: list[str] = field(default_factory=list, compare=False)
+    """Directions that :meth:`merge` found counted over the same sentences in both inputs and kept once (not saved)."""
 
     # ---- building ----------------------------------------------------------------------------
     def empty_side(self, side: str) -> dict[str, torch.Tensor]:
@@ -167,18 +169,61 @@ class RoutingStats:
             bucket[name] += value
 
     def merge(self, other: "RoutingStats", *, what: str = "the other statistics") -> "RoutingStats":
-        """Add ``other``'s counters into a copy of this one; refuses another model topology."""
+        """Add ``other``'s counters into a copy of this one; refuses another model topology.
+
+        A direction both hold over the same sentences (:mod:`pruning.stats.provenance`) is kept once, after
+        checking that both counted the same; over disjoint sentences it is summed; any other overlap is refused.
+        The directions kept once are listed in the result's :attr:`kept_once`.
+        """
         self.topology.check_same_routing(other.topology, what=what)
         self._check_compatible(other, what=what)
+        kept_once = self._counted_in_both(other, what=what)
         out = RoutingStats(self.topology, {}, dict(self.info))
-        for source in (self, other):
+        for skip, source in ((set(), self), (set(kept_once), other)):
             for direction, side, name, value in source.items():
-                out.add(direction, side, name, value)
+                if direction not in skip:
+                    out.add(direction, side, name, value)
             for direction, chunks in source.chunks.items():
-                out.add_chunks(direction, chunks, chunk_sentences=int(source.chunk_sentences or 0), what=what)
+                if direction not in skip:
+                    out.add_chunks(direction, chunks, chunk_sentences=int(source.chunk_sentences or 0), what=what)
         sources = list(self.info.get("merged_from", [self.info])) + list(other.info.get("merged_from", [other.info]))
         out.info = {"merged_from": sources}
+        out.kept_once = sorted(set(self.kept_once) | set(kept_once))
         return out
+
+    def _counted_in_both(self, other: "RoutingStats", *, what: str) -> list[str]:
+        """The directions ``other`` holds over the same sentences as this one (equal counters checked)."""
+        from pruning.stats.provenance import describe_pieces, direction_pieces, overlap_verdict
+
+        same = []
+        for direction in sorted(set(self.counters) & set(other.counters)):
+            mine, theirs = direction_pieces(self.info, direction), direction_pieces(other.info, direction)
+            verdict = overlap_verdict(mine, theirs)
+            if verdict == "overlap":
+                raise StatsError(
+                    f"{what}: direction {direction} was counted over {describe_pieces(theirs)} there and over "
+                    f"{describe_pieces(mine)} of the same data in the file(s) before it: the ranges overlap, so no sum counts "
+                    "each sentence once; merge files collected on disjoint sentences (--first-sentence, --max-sentences)"
+                )
+            if verdict == "same":
+                different = self._first_difference(other, direction)
+                if different:
+                    raise StatsError(
+                        f"{what}: direction {direction} was counted over the same sentences ({describe_pieces(mine)}) there and "
+                        f"in the file(s) before it, but its {different} differs (another model, dtype or mode?); merge only one of them"
+                    )
+                same.append(direction)
+        return same
+
+    def _first_difference(self, other: "RoutingStats", direction: str) -> str:
+        """The first counter of ``direction`` whose values differ between the two (``""``: they are equal)."""
+        mine, theirs = self.counters[direction], other.counters[direction]
+        for side in sorted(set(mine) | set(theirs)):
+            for name in sorted(set(mine.get(side, {})) | set(theirs.get(side, {}))):
+                a, b = mine.get(side, {}).get(name), theirs.get(side, {}).get(name)
+                if a is None or b is None or a.shape != b.shape or not torch.allclose(a, b, rtol=1e-6, atol=1e-6):
+                    return f"counter {side}/{name}"
+        return ""
 
     def add_chunks(self, direction: str, chunks: Chunks, *, chunk_sentences: int, what: str = "chunks") -> None:
         """Add ``direction``'s ``chunks`` (concatenated to those it holds; refuses another K or a repeated chunk)."""
@@ -396,7 +441,14 @@ def _assemble_chunks(parts: dict[str, dict[str, Any]], path: Path) -> dict[str, 
 
 
 def merge_files(paths: Iterable[str | os.PathLike[str]]) -> RoutingStats:
-    """Merge several statistics files (all of one topology) into one."""
+    """Merge several statistics files (all of one topology) into one; a file given twice is refused."""
+    paths = [Path(p) for p in paths]
+    seen: dict[Any, Path] = {}
+    for path in paths:
+        key = _file_key(path)
+        if key in seen:
+            raise StatsError(f"{path} is given twice (also as {seen[key]}): its counters would be added to themselves")
+        seen[key] = path
     merged: RoutingStats | None = None
     for path in paths:
         stats = RoutingStats.load(path)
@@ -404,3 +456,12 @@ def merge_files(paths: Iterable[str | os.PathLike[str]]) -> RoutingStats:
     if merged is None:
         raise StatsError("no statistics files given to merge")
     return merged
+
+
+def _file_key(path: Path) -> Any:
+    """What names one file however it is spelled (device and inode; the absolute path if it does not exist)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return os.path.abspath(path)
+    return (stat.st_dev, stat.st_ino)
