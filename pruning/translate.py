@@ -110,7 +110,7 @@ def vocabulary_limit(model: Any, tokenizer: Any) -> Any:
     """
     from transformers import LogitsProcessorList
 
-    rows = int(getattr(model.config, "vocab_size", 0))
+    rows = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
     return LogitsProcessorList([_BeyondTokenizer(len(tokenizer))] if rows > len(tokenizer) else [])
 
 
@@ -217,6 +217,8 @@ def translate_sentences(
     device = next(model.parameters()).device
     bar = tqdm(total=len(sentences) - len(todo) + len(pieces), desc=f"{src}-{tgt}", unit="sent", disable=not progress)
     bar.update(len(sentences) - len(todo))
+    processors = vocabulary_limit(model, tokenizer)
+    limit = {"logits_processor": processors} if processors else {}
     with torch.inference_mode():
         for batch in make_batches([len(ids) for ids in pieces], batch_tokens=options.batch_tokens):
             padded = tokenizer.pad({"input_ids": [pieces[j] for j in batch]}, return_tensors="pt")
@@ -227,7 +229,7 @@ def translate_sentences(
                 num_beams=options.beam,
                 max_new_tokens=options.max_length,
                 do_sample=False,
-                logits_processor=vocabulary_limit(model, tokenizer),
+                **limit,
             )  # [batch, <= 1 + 1 + max_length]: decoder start, target code, tokens
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
             for j, text in zip(batch, texts):

@@ -291,6 +291,15 @@ CASES = [
     Case("select-into-stats", lambda b: ["select", "--stats", b.stats, "--out", b.stats], lambda b: [f"--out {b.stats} is also an input (--stats {b.stats})"]),
     Case("merge-overlap", lambda b: ["merge-stats", b.stats, b.inputs / "lines-2-5.safetensors", "--out", b.out / "merged.safetensors"],
          same(f"direction {QBE}-{QEN} was counted over lines 2..5 there and over lines 0..3", "the ranges overlap")),
+    # plan (issue 13)
+    Case("plan-memory-format", lambda b: ["plan", "--model", "nllb-moe-54b", "--gpu-mem", "32 gigs"],
+         same("--gpu-mem must be a size like 32GB, 24GiB, 80G or 512MB, got '32 gigs'")),
+    Case("plan-negative-batch", lambda b: ["plan", "--model", "nllb-moe-54b", "--gpu-mem", "32GB", "--batch", "-4"],
+         same("--batch must be a positive integer, got -4")),
+    Case("plan-foreign-selection", lambda b: ["plan", "--model", "nllb-moe-54b", "--gpu-mem", "32GB", "--experts", b.experts, "--langs", f"{QBE},{QEN}"],
+         lambda b: [f"{b.experts} does not fit this model"]),
+    Case("plan-unknown-model", lambda b: ["plan", "--model", "nllb-moe-3b", "--gpu-mem", "32GB"],
+         same("--model 'nllb-moe-3b' is neither a checkpoint path nor a preset (nllb-moe-54b)")),
 ]
 CASES[7] = Case("config-list", lambda b: ["info", b.variant("config-list", files={"config.json": "[16]"})],
                 lambda b: [f"{b.inputs / 'variants' / 'config-list' / 'config.json'}: expected a JSON object of config keys, found a JSON list"])
@@ -305,7 +314,7 @@ def wrong_experts(b: Bed) -> str:
 def test_the_table_covers_every_writing_command():
     from pruning.cli import COMMANDS
 
-    readers = {"info"}
+    readers = {"info", "plan"}
     assert {c.id.removeprefix("unwritable-") for c in CASES if c.id.startswith("unwritable-")} == set(COMMANDS) - readers
 
 
