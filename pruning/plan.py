@@ -45,7 +45,7 @@ ROUTER_BYTES = 40
 """fp32/int64 router tensors per token per expert: logits, probabilities, the one-hot positions [T, 2, E] int64."""
 SCORE_COPIES = 4
 """fp32 ``[hypotheses, vocab]`` tensors alive in a generation step: logits, log-probs, beam scores, a processor's copy."""
-RUNTIME = {"cpu": int(0.30 * GIB), "cuda": int(1.0 * GIB)}
+RUNTIME = {"cpu": int(0.25 * GIB), "cuda": int(1.0 * GIB)}
 """The process without any model: python + torch + transformers (CPU); CUDA context and allocator reserve (GPU)."""
 
 
