@@ -11,7 +11,8 @@ anonymous RSS of the whole process tree, bytes read from disk with the page cach
 3. ``stats`` (teacher forcing) in one process, and under ``torchrun --nproc-per-node 2 --expert-parallel 2``;
 4. ``select`` at the paper's 80% (importance, per layer, 3:1, per language);
 5. ``export`` one direction with ``--policy drop`` and ``--policy skip``; ``load_model`` of the drop export;
-   ``translate`` and ``evaluate`` a few sentences with it;
+   ``translate`` and ``evaluate`` a few sentences with it; ``stats --dtype fp16`` and an fp16 forward /
+   generation check (finite logits and counters, routers in fp32);
 6. ``convert`` safetensors -> fairseq (fp16), ``info`` and ``export`` from it; delete it;
 7. generate the fairseq layout directly (omegaconf ``cfg``, 1 GB optimizer state), ``info``, ``convert``
    fairseq -> safetensors; delete everything.
@@ -180,6 +181,14 @@ def rehearse(work: Path, *, small: bool, threads: int, sentences: int) -> dict[s
                                                "--out", str(work / "scores.tsv")),
           bound=("1.05 x loaded weights + 1 GB", 1.05 * pruned_weights + one_gb))
 
+    # 5b. fp16 (V100s have no bf16): statistics and a forward/generation check on the whole model
+    r.run("stats teacher --dtype fp16, 1 process", cli("stats", "--model", str(hf), *data, "--dtype", "fp16", "--out", str(work / "stats-fp16.safetensors"),
+                                                       "--no-progress"), bound=("1.05 x weights + 1 GB", 1.05 * weights + one_gb),
+          check=lambda m: {"counters_finite": stats_finite(work / "stats-fp16.safetensors")})
+    r.run("fp16 forward + routing + generation check", [PY, "-m", "experiments.fullwidth.probe", "fp16", str(hf), "--out", str(work / "fp16.json")],
+          check=lambda m: {"fp16": json.loads((work / "fp16.json").read_text())})
+    (work / "stats-fp16.safetensors").unlink(missing_ok=True)
+
     # 6. safetensors -> fairseq and back to an export from it
     r.run("convert safetensors bf16 -> fairseq fp16", cli("convert", str(hf), "--out", str(fs_conv), "--layout", "fairseq", "--dtype", "fp16"),
           bound=("2 x largest tensor + 1 GB", 2 * largest + one_gb))
@@ -210,11 +219,29 @@ def rehearse(work: Path, *, small: bool, threads: int, sentences: int) -> dict[s
         "weights_bytes": weights, "largest_tensor_bytes": largest, "pruned_export_bytes": pruned_weights,
         "kept_experts": {f"{s}.{l}": len(v) for (s, l), v in kept.items()}, "steps": r.steps,
         "routing_own_vs_shared_top16": routing, "baseline_read_bytes": r.baseline_read,
+        "topology": reader.topology.to_dict(), "workload": workload_of(sentences),
     }
 
 
 def optimizer_bytes(small: bool) -> float:
     return (0.05 if small else 1.0) * 2**30
+
+
+def workload_of(sentences: int, *, translated: int = 8, max_length: int = 24) -> dict[str, int]:
+    """The batch shapes the steps ran: padded tokens per side in a statistics batch, source length translated."""
+    from pruning.data.flores import FloresDir
+    from pruning.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer("experiments/testbed/data/tokenizer")
+    flores = FloresDir("experiments/testbed/data/flores")
+    longest = {}
+    for lang in LANGS:
+        tokenizer.src_lang = lang
+        longest[lang] = [len(ids) for ids in tokenizer(flores.read(lang, "dev")[:sentences])["input_ids"]]
+    tokenizer.src_lang = SRC
+    source = [len(ids) for ids in tokenizer(flores.read(SRC, "devtest")[:translated])["input_ids"]]
+    return {"stats_tokens": max(max(v) for v in longest.values()) * sentences, "translate_sentences": translated,
+            "src_len": max(source), "max_length": max_length}
 
 
 def dense_bytes(model: Path) -> int:
@@ -241,6 +268,15 @@ def stats_agree(one: Path, two: Path) -> bool:
     )
 
 
+def stats_finite(path: Path) -> bool:
+    import torch
+
+    from pruning.stats.counters import RoutingStats
+
+    stats = RoutingStats.load(path)
+    return all(bool(torch.isfinite(t).all()) for d in stats.directions for s in ("enc", "dec") for t in stats.side(d, s).values())
+
+
 def routing_summary(stats_path: Path) -> dict[str, Any]:
     from experiments.testbed.routing_report import per_language_top1, specificity
     from pruning.stats.counters import RoutingStats
@@ -251,7 +287,7 @@ def routing_summary(stats_path: Path) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.fullwidth.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/work/rehearsal"), help="scratch directory (tens of GB; emptied at the end)")
+    parser.add_argument("--work", type=Path, default=Path("outputs/rehearsal"), help="scratch directory (tens of GB; emptied at the end)")
     parser.add_argument("--small", action="store_true", help="d_model 256 instead of 2048 (a quick check of the harness)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sentences", type=int, default=32, help="dev sentences per direction for stats")
