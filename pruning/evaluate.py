@@ -470,6 +470,7 @@ def build_summary(
         "decoding": options.signature(),
         "dtype": dtype_name(model),
         "device": device_name(model),
+        "no_experts": bool(getattr(model, "no_experts", False)),
     }
     versions = _versions()
     ours = "|".join(
@@ -478,6 +479,7 @@ def build_summary(
             f"model:{identity['model']}",
             f"manifest:{identity['manifest_sha256'][:12] if identity['manifest_sha256'] else 'none'}",
             f"index:{identity['index_sha256'][:12] if identity['index_sha256'] else 'none'}",
+            *(["experts:none"] if settings["no_experts"] else []),
             f"split:{split}",
             f"n:{settings['sentences_per_direction']}",
             options.signature(),

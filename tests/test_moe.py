@@ -285,3 +285,24 @@ def test_model_level_dispatch_choice_gives_same_logits(tiny_hf_dir, tiny_batch):
     loop = load_model(tiny_hf_dir, dispatch="loop")
     with torch.no_grad():
         torch.testing.assert_close(grouped(**tiny_batch).logits, loop(**tiny_batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_no_expert_floor_equals_zeroed_fc2(tiny_model, tiny_batch):
+    """``set_no_experts``: the same logits as the model with every expert's fc2 weight and bias set to 0."""
+    import copy
+
+    zeroed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for _, _, moe in zeroed.moe_layers():
+            moe.experts.fc2_weight.zero_()
+            moe.experts.fc2_bias.zero_()
+        full = tiny_model(**tiny_batch).logits
+        expected = zeroed(**tiny_batch).logits
+        tiny_model.set_no_experts(True)
+        try:
+            floor = tiny_model(**tiny_batch).logits
+            assert tiny_model.no_experts
+        finally:
+            tiny_model.set_no_experts(False)
+        assert torch.equal(floor, expected) and not torch.allclose(floor, full)
+        assert torch.equal(tiny_model(**tiny_batch).logits, full) and not tiny_model.no_experts

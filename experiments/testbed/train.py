@@ -191,22 +191,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
-class experts_silenced:
-    """Context: every MoE layer adds nothing (eval output x (1 - eom) with eom = 1): the no-expert floor."""
-
-    def __init__(self, model: NllbMoeForPruning):
-        self.layers = [moe for _, _, moe in model.moe_layers()]
-
-    def __enter__(self) -> None:
-        self.saved = [moe.eom for moe in self.layers]
-        for moe in self.layers:
-            moe.eom = 1.0
-
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
-        for moe, eom in zip(self.layers, self.saved):
-            moe.eom = eom
-
-
 def quick_chrf(model: NllbMoeForPruning, tokenizer, cfg: TrainConfig, directions: list[tuple[str, str]]) -> dict[str, float]:  # noqa: ANN001
     import sacrebleu
 
@@ -290,8 +274,9 @@ def train(cfg: TrainConfig) -> Path:
             log.flush()
         if cfg.eval_every and step % cfg.eval_every == 0:
             scores = quick_chrf(model, tokenizer, cfg, eval_dirs)
-            with experts_silenced(model):
-                floor = quick_chrf(model, tokenizer, cfg, eval_dirs)
+            model.set_no_experts(True)
+            floor = quick_chrf(model, tokenizer, cfg, eval_dirs)
+            model.set_no_experts(False)
             record = {"step": step, "minutes": round((time.time() - started) / 60, 2), "chrf++": scores,
                       "mean_chrf++": round(sum(scores.values()) / len(scores), 2),
                       "floor_chrf++": round(sum(floor.values()) / len(floor), 2)}

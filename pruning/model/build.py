@@ -58,6 +58,19 @@ class NllbMoeForPruning(NllbMoeForConditionalGeneration):
 
         set_direction(self, src, tgt)
 
+    def set_no_experts(self, on: bool = True) -> None:
+        """The no-expert floor: every MoE layer adds nothing to the residual stream (all expert outputs zeroed).
+
+        Routing still runs. Pruning results stand beside this floor: on a model whose score barely drops
+        here, its experts carry little and pruning comparisons prove little.
+        """
+        for _, _, moe in self.moe_layers():
+            moe.no_experts = on
+
+    @property
+    def no_experts(self) -> bool:
+        return any(moe.no_experts for _, _, moe in self.moe_layers())
+
     def set_dispatch(self, name: str = "auto") -> str:
         """Choose the expert dispatch of every MoE layer (``auto`` | ``grouped`` | ``loop``); returns the choice."""
         weight = self.model.shared.weight

@@ -329,6 +329,8 @@ class MoeLayer(nn.Module):
         # [R] bool or None: rows whose assignments contribute nothing for the current direction (a multi-
         # direction ``skip`` export: experts of the union that the direction does not keep); set between calls
         self.silenced: Optional[torch.Tensor] = None
+        # True: the layer adds nothing (the router still routes, hooks still see it): the no-expert floor
+        self.no_experts = False
 
     @property
     def expert_ids(self) -> list[int]:
@@ -345,6 +347,8 @@ class MoeLayer(nn.Module):
         token_mask = token_mask_from_attention(attention_mask, batch=batch, seq=seq, device=hidden.device)
         x = hidden.reshape(batch * seq, d_model)  # [T, D]
         routing = self.router(x, token_mask)
+        if self.no_experts:
+            return torch.zeros_like(hidden), routing
         served = routing if self.silenced is None else silence(routing, self.silenced)
         if self.row_slot is None:
             out = self.dispatch(x, served, self.experts)  # [T, D]
