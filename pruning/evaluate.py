@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from pruning.data.directions import split_direction
 from pruning.errors import UserError
 
 SPM_CHOICES = ("flores200", "flores101", "none")
@@ -197,8 +198,7 @@ def read_scores(path: str | os.PathLike[str]) -> dict[str, dict[str, Optional[fl
             continue
         fields = line.split("\t")
         direction = fields[col["direction"]] if len(fields) > col["direction"] else ""
-        if direction.count("-") != 1:
-            raise EvaluateError(f"{path}:{number}: {direction!r} is not a direction 'src-tgt'")
+        split_direction(direction, what=f"{path}:{number}")
         if direction in out:
             raise EvaluateError(f"{path}:{number}: direction {direction} appears twice")
         out[direction] = {m: _parse_value(fields, col[m], path, number) for m in METRICS}

@@ -46,13 +46,13 @@ import torch
 
 from pruning.atomic import write_text
 from pruning.errors import UserError
-from pruning.topology import Side, Topology
+from pruning.data.directions import ANY_DIRECTION, Side, direction_key, split_direction
+from pruning.topology import Topology
 
 MANIFEST_NAME = "pruning_manifest.json"
 FORMAT = "nllb-prune/export"
 FORMAT_VERSION = 2
 """Highest version read; an export without a pruned-expert policy (``drop``) is still written as 1."""
-ANY_DIRECTION = "*"
 DROP = "drop"
 
 LayerExperts = dict[tuple[Side, int], list[int]]
@@ -72,10 +72,6 @@ def parse_layer_name(name: str) -> tuple[Side, int]:
     if match is None:
         raise ManifestError(f"manifest layer key {name!r} is not of the form 'encoder.N' or 'decoder.N'")
     return match.group(1), int(match.group(2))  # type: ignore[return-value]
-
-
-def direction_key(src: str, tgt: str) -> str:
-    return f"{src}-{tgt}"
 
 
 def natural_key(name: str) -> tuple[Any, ...]:
@@ -131,7 +127,7 @@ def build_manifest(
     version: str,
     policy: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
-    langs = sorted({lang for key in directions if key != ANY_DIRECTION for lang in key.split("-")})
+    langs = sorted({lang for key in directions if key != ANY_DIRECTION for lang in split_direction(key)})
     policy = dict(policy or {"name": DROP})
     return {
         "format": FORMAT,

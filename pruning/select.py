@@ -57,8 +57,9 @@ from metrics import AGGREGATIONS, aggregate_metric, compute_metric, get_metric, 
 from metrics.router import data_free_hint, needs_router_rows
 from pruning.errors import UserError
 from pruning.index import DEFAULT_MIN_PER_LAYER, ExpertIndex, IndexKind, layer_counts
-from pruning.stats.counters import RoutingStats, split_direction
-from pruning.topology import SHORT_SIDE, SIDES, Side, Topology, bytes_for, gib
+from pruning.data.directions import SHORT_SIDE, SIDES, Side, split_direction
+from pruning.stats.counters import RoutingStats
+from pruning.topology import Topology, bytes_for, gib
 
 Strategy = Literal["per-layer", "global", "budget"]
 Granularity = Literal["global", "pair", "lang"]

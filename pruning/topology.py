@@ -14,13 +14,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
+from pruning.data.directions import SIDES, Side
 from pruning.errors import UserError
-
-Side = Literal["encoder", "decoder"]
-SIDES: tuple[Side, Side] = ("encoder", "decoder")
-SHORT_SIDE = {"encoder": "enc", "decoder": "dec"}
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 

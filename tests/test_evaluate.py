@@ -15,6 +15,7 @@ import sacrebleu
 from sacrebleu.tokenizers import tokenizer_spm
 
 from pruning.cli import main
+from pruning.data.directions import DirectionError
 from pruning.evaluate import (
     EvaluateError,
     SpmModelMissing,
@@ -192,7 +193,7 @@ def test_compare_deltas_and_mean(tmp_path):
 def test_bad_score_files(tmp_path, content, message):
     path = tmp_path / "bad.tsv"
     path.write_text(content)
-    with pytest.raises(EvaluateError, match=message):
+    with pytest.raises((EvaluateError, DirectionError), match=message):
         read_scores(path)
 
 

@@ -14,7 +14,8 @@ from torch import nn
 from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
 
 from pruning.model.moe import DISPATCHES, ExtraRows, MoeLayer, choose_dispatch
-from pruning.topology import Side, Topology
+from pruning.data.directions import Side
+from pruning.topology import Topology
 
 ExpertSelection = dict[tuple[str, int], list[int]]
 """(side, layer) -> sorted original indices of the experts a MoE layer keeps."""
