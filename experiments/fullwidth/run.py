@@ -74,16 +74,23 @@ def checkpoint_bytes(model: Path, *, experts: Optional[dict] = None) -> int:
 
 
 class Rehearsal:
-    def __init__(self, work: Path, *, small: bool, threads: int):
+    """Runs and records the steps; with ``resume`` a step already recorded in ``work/steps.json`` is not run again."""
+
+    def __init__(self, work: Path, *, small: bool, threads: int, resume: bool = False):
         self.work = work
         self.small = small
-        self.steps: list[dict[str, Any]] = []
+        self.record = work / "steps.json"
+        self.steps: list[dict[str, Any]] = json.loads(self.record.read_text()) if resume and self.record.is_file() else []
         self.env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.baseline_read = 0
 
     def run(self, name: str, argv: list[str], *, bound: Optional[tuple[str, float]] = None, check: Callable[[Measurement], dict] | None = None) -> Measurement:
+        done = next((step for step in self.steps if step["step"] == name), None)
+        if done is not None:
+            print(f"== {name}: recorded in {self.record}, not run again", flush=True)
+            return Measurement(**{k: v for k, v in done.items() if k in Measurement.__dataclass_fields__})
         print(f"== {name}: {' '.join(argv)}", flush=True)
         result = measure(argv, env=self.env, log=self.logs / f"{len(self.steps):02d}-{name}.log")
         record: dict[str, Any] = {"step": name, **result.to_dict()}
@@ -94,6 +101,8 @@ class Rehearsal:
         if check is not None:
             record.update(check(result))
         self.steps.append(record)
+        if result.returncode == 0:
+            self.record.write_text(json.dumps(self.steps, indent=1) + "\n")
         status = "ok" if result.returncode == 0 else f"FAILED rc={result.returncode}"
         print(f"   {status}: {result.wall_s:.1f} s, peak RssAnon {gb(result.peak_rss_anon_bytes)} GB, read {gb(result.read_bytes)} GB"
               + (f", bound {gb(record['bound']['bytes'])} GB {'met' if record['bound']['met'] else 'MISSED'}" if bound else ""), flush=True)
@@ -107,20 +116,22 @@ def generator_args(small: bool) -> list[str]:
     return ["--d-model", "256", "--ffn-dim", "1024", "--heads", "4", "--shard-gb", "0.1", "--optimizer-gb", "0.05"] if small else []
 
 
-def rehearse(work: Path, *, small: bool, threads: int, sentences: int) -> dict[str, Any]:
+def rehearse(work: Path, *, small: bool, threads: int, sentences: int, resume: bool = False) -> dict[str, Any]:
     from pruning.checkpoint.reader import open_checkpoint
 
-    r = Rehearsal(work, small=small, threads=threads)
+    r = Rehearsal(work, small=small, threads=threads, resume=resume)
     gen = [PY, "-m", "experiments.fullwidth.generate", *generator_args(small)]
     one_gb = 1e9
     bin_dir, hf, fs_conv, fs_gen, back = (work / n for n in ("hf-bin", "hf", "fairseq-converted", "fairseq", "hf-from-fairseq"))
+    recorded = {step["step"] for step in r.steps}
     for d in (bin_dir, hf, fs_conv, fs_gen, back):
-        shutil.rmtree(d, ignore_errors=True)
+        if not resume or not any(str(d.name) in name for name in recorded):
+            shutil.rmtree(d, ignore_errors=True)
 
     # 0. what starting a command costs: the imports' RssAnon and the library bytes read (the cache is dropped)
     baseline = r.run("baseline: start python, import the toolkit", [PY, "-c", "import torch, transformers, safetensors, sacrebleu; import pruning.cli; "
                      "pruning.cli.build_parser(); from pruning.model.loading import load_model; from transformers import NllbMoeForConditionalGeneration"])
-    r.baseline_read = baseline.read_bytes
+    r.baseline_read = baseline.read_bytes  # type: ignore[attr-defined]
 
     # 1-2. the HF .bin layout, info, convert to safetensors bf16
     r.run("generate hf-bin fp16", [*gen, "--out", str(bin_dir), "--layout", "hf-bin", "--dtype", "fp16"])
@@ -128,7 +139,7 @@ def rehearse(work: Path, *, small: bool, threads: int, sentences: int) -> dict[s
     r.run("info (hf-bin)", cli("info", str(bin_dir)), bound=("1 GB", one_gb))
     r.run("convert hf-bin fp16 -> safetensors bf16", cli("convert", str(bin_dir), "--out", str(hf), "--dtype", "bf16"),
           bound=("2 x largest tensor + 1 GB", 2 * largest_fp16 + one_gb))
-    shutil.rmtree(bin_dir)
+    shutil.rmtree(bin_dir, ignore_errors=True)
     reader = open_checkpoint(hf)
     weights = reader.total_bytes()
     largest = largest_tensor_bytes(hf)
@@ -292,12 +303,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sentences", type=int, default=32, help="dev sentences per direction for stats")
     parser.add_argument("--results", type=Path, default=RESULTS / "fullwidth_cpu.json")
+    parser.add_argument("--resume", action="store_true", help="skip the steps recorded in WORK/steps.json (their files must still be there)")
     args = parser.parse_args(argv)
     import torch
     import transformers
 
     started = datetime.now(timezone.utc)
-    body = rehearse(args.work, small=args.small, threads=args.threads, sentences=args.sentences)
+    body = rehearse(args.work, small=args.small, threads=args.threads, sentences=args.sentences, resume=args.resume)
     record = {
         "date": started.isoformat(timespec="seconds"), "command": " ".join(["python -m experiments.fullwidth.run", *(argv or sys.argv[1:])]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1)} GiB",
