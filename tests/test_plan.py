@@ -53,7 +53,7 @@ def test_the_papers_pruned_model_fits_one_32gb_gpu_not_24gb():
     fits = _plan(1, "32GB", "bf16", batch=16, beam=4)["translation_one_direction"]
     assert fits["fits"] and 23 * GIB < fits["weights_bytes"] < 24.5 * GIB and fits["largest_batch"] >= 16
     small = _plan(1, "24GB", "bf16", batch=16, beam=4)["translation_one_direction"]
-    assert not small["fits"] and "weights alone do not fit" in small["notes"][0]
+    assert not small["fits"] and "weights do not fit even for one sentence: prune more experts: `select --budget-gb" in small["notes"][0]
 
 
 def test_largest_batch_is_the_boundary(tmp_path):
