@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -401,6 +401,3 @@ def policy_summary(manifest: Mapping[str, Any]) -> str:
     counts = ", ".join(f"{rule} {by.count(rule)}" for rule in sorted(set(by)))
     return f"merge ({rows} experts folded into kept ones, weights by {manifest['policy'].get('frequency')}; chosen by {counts})"
 
-
-def iter_languages(directions: Iterable[Pair]) -> list[str]:
-    return sorted({lang for pair in directions for lang in pair})

@@ -251,8 +251,6 @@ def manifest_topology(manifest: Mapping[str, Any]) -> Topology:
     return Topology.from_dict(dict(manifest["topology"]))
 
 
-def served_directions(manifest: Mapping[str, Any]) -> list[str]:
-    return sorted(manifest.get("directions", {}))
 
 
 def direction_experts(manifest: Mapping[str, Any], src: str, tgt: str) -> LayerExperts:

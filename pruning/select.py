@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -61,8 +61,6 @@ from pruning.data.directions import SHORT_SIDE, SIDES, Side, split_direction
 from pruning.stats.counters import RoutingStats
 from pruning.topology import Topology, bytes_for, gib
 
-Strategy = Literal["per-layer", "global", "budget"]
-Granularity = Literal["global", "pair", "lang"]
 STRATEGIES: tuple[str, ...] = ("per-layer", "global", "budget")
 GRANULARITIES: tuple[str, ...] = ("global", "pair", "lang")
 DEFAULT_RATIO = 0.8

@@ -12,7 +12,6 @@ Global expert id (the paper's convention, section 5 of the reference page):
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -253,6 +252,3 @@ def bytes_for(params: int, dtype: str) -> int:
 def gib(nbytes: int) -> float:
     return nbytes / 2**30
 
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from pruning.plan import GIB, Hardware, Kept, Workload, build_plan, plan_model, plan_statistics
+from pruning.plan import GIB, Hardware, Workload, plan_model, plan_statistics
 from pruning.topology import Topology
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"

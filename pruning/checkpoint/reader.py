@@ -22,7 +22,7 @@ import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -44,13 +44,6 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-class TensorSource(Protocol):
-    shape: tuple[int, ...]
-
-    @property
-    def dtype(self) -> torch.dtype: ...
-
-    def load(self) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
