@@ -72,9 +72,12 @@ class Router(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # Keep the router in fp32 when the model is cast to bf16/fp16: routing must not change with dtype.
+        # The fp32 values are kept (moved to the new device), not the cast ones cast back: a round trip
+        # through bf16 would change the router's decisions.
+        fp32 = self.weight.data
         super()._apply(fn, recurse)
-        if self.weight.is_floating_point() and self.weight.dtype != torch.float32:
-            self.weight.data = self.weight.data.float()
+        if self.weight.is_floating_point() and self.weight.dtype != torch.float32 and fp32.dtype == torch.float32:
+            self.weight.data = fp32.to(device=self.weight.device)
         return self
 
     @property
