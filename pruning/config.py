@@ -25,6 +25,22 @@ class ConfigError(UserError):
     """A flag or config key has a bad value; the message names it and the accepted values."""
 
 
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+"""Storage and compute dtypes a flag may name (routers are always fp32)."""
+
+
+def required(*, help: str, default: Any = "", **metadata: Any) -> Any:
+    """A setting without which the command cannot run; checked once for every command (:func:`check_required`)."""
+    return dataclasses.field(default=default, metadata={"help": help, "required": True, **metadata})
+
+
+def check_required(settings: Any) -> None:
+    """Every field declared :func:`required` must be given; one error lists all that are missing."""
+    missing = [flag_name(f.name) for f in dataclasses.fields(settings) if f.metadata.get("required") and getattr(settings, f.name) in ("", None, [], ())]
+    if missing:
+        raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
+
+
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
@@ -110,6 +126,7 @@ def coerce(cls: type[T], values: dict[str, Any]) -> T:
     except TypeError as exc:
         missing = [flag_name(f.name) for f in dataclasses.fields(cls) if f.name not in kwargs and _default_of(f) is dataclasses.MISSING]  # type: ignore[arg-type]
         raise ConfigError(f"missing required setting(s): {', '.join(missing)}") from exc
+    check_required(instance)
     validate = getattr(instance, "validate", None)
     if callable(validate):
         validate()

@@ -206,7 +206,7 @@ class _Computed:
 
 def _plan_policy(policy: str, stats: Optional[str | Path], *, reader: CheckpointReader, plan: ExportPlan) -> Any:
     """The :class:`pruning.policy.PolicyPlan` of a substitute/merge export (None for drop)."""
-    from pruning.policy import check_policy, plan_policy
+    from pruning.policy import check_policy, plan_policy, policy_spec
     from pruning.stats.counters import RoutingStats
 
     check_policy(policy, stats)
@@ -215,7 +215,7 @@ def _plan_policy(policy: str, stats: Optional[str | Path], *, reader: Checkpoint
     if reader.manifest is not None:
         raise ExportError(
             f"--policy {policy} needs the unpruned model's routers"
-            + (" and the pruned experts' weights" if policy == "merge" else "")
+            + (" and the pruned experts' weights" if policy_spec(policy).needs_pruned_weights else "")
             + f", but {reader.path} is itself a pruned export (policy {policy_name(reader.manifest)}): export from the full model"
         )
     everything = list(range(reader.topology.num_experts))

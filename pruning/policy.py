@@ -48,8 +48,34 @@ from pruning.data.directions import ANY_DIRECTION, SHORT_SIDE, Side, split_direc
 from pruning.topology import Topology
 
 SKIP = "skip"
-POLICIES = (DROP, SKIP, "substitute", "merge")
-NEEDS_STATISTICS = frozenset({"substitute", "merge"})
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """What a treatment of pruned experts needs and keeps: the one table every check reads."""
+
+    name: str
+    keeps_router_rows: bool
+    """The pruned experts' router rows stay (their tokens still choose them)."""
+    needs_statistics: bool
+    """``--stats``: a statistics file of the unpruned model."""
+    needs_expert_outputs: bool
+    """... collected with ``--expert-outputs`` (mean outputs)."""
+    needs_pruned_weights: bool
+    """The pruned experts' own weights are read (folded into kept ones)."""
+
+
+POLICY_TABLE: dict[str, PolicySpec] = {
+    spec.name: spec
+    for spec in (
+        PolicySpec(DROP, keeps_router_rows=False, needs_statistics=False, needs_expert_outputs=False, needs_pruned_weights=False),
+        PolicySpec(SKIP, keeps_router_rows=True, needs_statistics=False, needs_expert_outputs=False, needs_pruned_weights=False),
+        PolicySpec("substitute", keeps_router_rows=True, needs_statistics=True, needs_expert_outputs=True, needs_pruned_weights=False),
+        PolicySpec("merge", keeps_router_rows=True, needs_statistics=True, needs_expert_outputs=False, needs_pruned_weights=True),
+    )
+}
+POLICIES = tuple(POLICY_TABLE)
+NEEDS_STATISTICS = frozenset(name for name, spec in POLICY_TABLE.items() if spec.needs_statistics)
 
 RouterRows = Callable[[Side, int], torch.Tensor]
 """``(side, layer)`` -> the unpruned router [E, D] (row e = expert e), loaded when first needed."""
@@ -61,13 +87,18 @@ class PolicyError(UserError):
 
 def check_policy(policy: str, stats: Optional[str | Path]) -> None:
     """The policy is known and has the statistics it needs (before any heavy work)."""
-    if policy not in POLICIES:
-        raise PolicyError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    if policy in NEEDS_STATISTICS and not stats:
+    spec = policy_spec(policy)
+    if spec.needs_statistics and not stats:
         raise PolicyError(
             f"--policy {policy} needs --stats FILE: a routing statistics file of the unpruned model "
-            "(from `nllb-prune stats`" + (", collected with --expert-outputs" if policy == "substitute" else "") + ")"
+            "(from `nllb-prune stats`" + (", collected with --expert-outputs" if spec.needs_expert_outputs else "") + ")"
         )
+
+
+def policy_spec(policy: str) -> PolicySpec:
+    if policy not in POLICY_TABLE:
+        raise PolicyError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    return POLICY_TABLE[policy]
 
 
 # ---- plan ------------------------------------------------------------------------------------------
@@ -169,8 +200,8 @@ def plan_policy(
     unpruned model; ``directions``: the export's direction keys; ``stats_info``: recorded as is (file
     name and sha256).
     """
-    if name not in POLICIES or name == DROP:
-        raise PolicyError(f"plan_policy is for {', '.join(POLICIES[1:])}, got {name!r}")
+    if not policy_spec(name).keeps_router_rows:
+        raise PolicyError(f"plan_policy is for the policies that keep router rows ({', '.join(n for n, s in POLICY_TABLE.items() if s.keeps_router_rows)}), got {name!r}")
     if name == SKIP:
         return _plan_skip(union, topology=topology)
     what = f"statistics file {stats_info.get('file')}" if stats_info and stats_info.get("file") else "the statistics"

@@ -46,6 +46,7 @@ Ties are broken by expert id (lower first), so a selection is deterministic.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -55,6 +56,7 @@ from tqdm import tqdm
 
 from metrics import AGGREGATIONS, aggregate_metric, compute_metric, get_metric, metric_names
 from metrics.router import data_free_hint, needs_router_rows
+from pruning.config import DTYPE_CHOICES
 from pruning.errors import UserError
 from pruning.index import DEFAULT_MIN_PER_LAYER, ExpertIndex, IndexKind, layer_counts
 from pruning.data.directions import SHORT_SIDE, SIDES, Side, split_direction
@@ -75,32 +77,24 @@ class SelectionError(UserError):
 
 
 # ---- options ---------------------------------------------------------------------------------------
+# Option groups, each a dataclass whose fields are flags (and config keys); a command's config inherits
+# the groups it offers: select = KeepOptions + GranularityOptions + the metric; compare-metrics and
+# stability reuse them the same way.
 @dataclass
-class SelectOptions:
-    """What to select; each field is a flag of ``nllb-prune select`` and a key of ``conf/select.yaml``."""
+class KeepOptions:
+    """How many experts each direction's model keeps, and how they are spread over the layers."""
 
-    metric: str = field(default="importance", metadata={"help": f"expert score, higher = keep: {', '.join(metric_names())}"})
     strategy: str = field(default="per-layer", metadata={"help": "per-layer (fixed count per layer), global (threshold) or budget (most experts that fit --budget-gb)", "choices": STRATEGIES})
     ratio: float | None = field(default=None, metadata={"help": f"share of experts to prune (default {DEFAULT_RATIO} when neither --keep nor --budget-gb is given)"})
     keep: int | None = field(default=None, metadata={"help": "experts to keep per direction's model (encoder + decoder)"})
     budget_gb: float | None = field(default=None, metadata={"help": "memory budget of one direction's pruned model, in GB (10^9 bytes) at --dtype"})
-    dtype: str = field(default="bf16", metadata={"help": "dtype for --budget-gb and the summary: bf16, fp16 or fp32"})
+    dtype: str = field(default="bf16", metadata={"help": "dtype for --budget-gb and the summary: bf16, fp16 or fp32", "choices": DTYPE_CHOICES})
     enc_dec: str = field(default="3:1", metadata={"help": "encoder:decoder split of the kept experts, e.g. 3:1, or none (no split)"})
     enc_keep: int | None = field(default=None, metadata={"help": "encoder experts to keep (overrides --enc-dec)"})
     min_per_layer: int = field(default=DEFAULT_MIN_PER_LAYER, metadata={"help": "fewest experts any MoE layer keeps"})
-    granularity: str = field(default="lang", metadata={"help": "global (one list), pair (per direction) or lang (per language)", "choices": GRANULARITIES})
-    langs: list[str] = field(default_factory=list, metadata={"help": "languages for --granularity lang, comma-separated (default: all in the statistics)"})
-    pairs: list[str] = field(default_factory=list, metadata={"help": "directions src-tgt for --granularity pair, comma-separated (default: all)"})
-    aggregate: str = field(default="tokens", metadata={"help": "combine directions by tokens (sum counters, then score) or mean (of per-direction scores)", "choices": AGGREGATIONS})
-    router_model: str = field(default="", metadata={"help": "checkpoint whose router rows a data-free metric (router_distinct) scores; unpruned, either layout"})
 
-    def validate(self) -> None:
-        get_metric(self.metric)
-        if needs_router_rows(self.metric) and not self.router_model:
-            raise SelectionError(data_free_hint(self.metric))
+    def validate_keep(self) -> None:
         _choice("--strategy", self.strategy, STRATEGIES)
-        _choice("--granularity", self.granularity, GRANULARITIES)
-        _choice("--aggregate", self.aggregate, AGGREGATIONS)
         given = [flag for flag, value in (("--ratio", self.ratio), ("--keep", self.keep), ("--budget-gb", self.budget_gb)) if value is not None]
         if len(given) > 1:
             raise SelectionError(f"give one of --ratio, --keep, --budget-gb, not {' and '.join(given)}")
@@ -115,17 +109,52 @@ class SelectOptions:
         if self.min_per_layer < 1:
             raise SelectionError(f"--min-per-layer must be at least 1, got {self.min_per_layer}")
         parse_enc_dec(self.enc_dec)
+        bytes_for(0, self.dtype)
+
+
+@dataclass
+class GranularityOptions:
+    """What one entry of the index is selected from, and how directions are combined."""
+
+    granularity: str = field(default="lang", metadata={"help": "global (one list), pair (per direction) or lang (per language)", "choices": GRANULARITIES})
+    langs: list[str] = field(default_factory=list, metadata={"help": "languages for --granularity lang, comma-separated (default: all in the statistics)"})
+    pairs: list[str] = field(default_factory=list, metadata={"help": "directions src-tgt for --granularity pair, comma-separated (default: all)"})
+    aggregate: str = field(default="tokens", metadata={"help": "combine directions by tokens (sum counters, then score) or mean (of per-direction scores)", "choices": AGGREGATIONS})
+
+    def validate_granularity(self) -> None:
+        _choice("--granularity", self.granularity, GRANULARITIES)
+        _choice("--aggregate", self.aggregate, AGGREGATIONS)
         if self.langs and self.granularity != "lang":
             raise SelectionError(f"--langs is for --granularity lang, not {self.granularity}")
         if self.pairs and self.granularity != "pair":
             raise SelectionError(f"--pairs is for --granularity pair, not {self.granularity}")
-        bytes_for(0, self.dtype)
+
+
+@dataclass
+class SelectOptions(GranularityOptions, KeepOptions):
+    """What to select; each field is a flag of ``nllb-prune select`` and a key of ``conf/select.yaml``."""
+
+    metric: str = field(default="importance", metadata={"help": f"expert score, higher = keep: {', '.join(metric_names())}"})
+    router_model: str = field(default="", metadata={"help": "checkpoint whose router rows a data-free metric (router_distinct) scores; unpruned, either layout"})
+
+    def validate(self) -> None:
+        get_metric(self.metric)
+        if needs_router_rows(self.metric) and not self.router_model:
+            raise SelectionError(data_free_hint(self.metric))
+        self.validate_keep()
+        self.validate_granularity()
         if self.granularity == "lang" and self.strategy != "per-layer" and self.enc_keep is None and parse_enc_dec(self.enc_dec) is None:
             raise SelectionError(
                 f"--strategy {self.strategy} with --granularity lang needs an encoder:decoder split (--enc-dec or "
                 f"--enc-keep): a direction combines one language's encoder experts with another's decoder experts, "
                 f"so its total is only fixed when each side's count is"
             )
+
+    @classmethod
+    def from_groups(cls, groups: object, *, metric: str) -> "SelectOptions":
+        """The selection that an object carrying the keep and granularity groups means, for ``metric``."""
+        names = [f.name for f in dataclasses.fields(KeepOptions)] + [f.name for f in dataclasses.fields(GranularityOptions)]
+        return cls(metric=metric, **{name: getattr(groups, name) for name in names})
 
 
 def parse_enc_dec(text: str) -> tuple[int, int] | None:

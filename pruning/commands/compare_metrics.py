@@ -9,55 +9,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.config import ConfigError, add_dataclass_flags, required, resolve
 from pruning.locking import claim_output
-from pruning.select import SelectOptions
+from pruning.select import GranularityOptions, KeepOptions, SelectOptions
 
 NAME = "compare-metrics"
 HELP = (
     "Rank correlation (Spearman) of expert scores and Jaccard of kept sets between every pair of metrics, "
     "per side and MoE layer: a table, a TSV/JSON file and a heatmap."
 )
-SELECTION_KEYS = ("strategy", "ratio", "keep", "enc_dec", "enc_keep", "min_per_layer", "granularity", "langs", "pairs", "aggregate")
-"""The flags shared with ``nllb-prune select`` (same meaning, same defaults)."""
-
-
-def select_field(name: str) -> Any:
-    """A dataclass field with the default and help of :class:`SelectOptions`' field ``name``."""
-    source = {f.name: f for f in dataclasses.fields(SelectOptions)}[name]
-    if source.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return field(default_factory=source.default_factory, metadata=source.metadata)  # type: ignore[misc]
-    return field(default=source.default, metadata=source.metadata)
-
-
 @dataclass
-class CompareMetricsConfig:
-    """Flags of ``nllb-prune compare-metrics`` (keys of ``conf/compare_metrics.yaml``)."""
+class CompareMetricsConfig(GranularityOptions, KeepOptions):
+    """Flags of ``nllb-prune compare-metrics`` (keys of ``conf/compare_metrics.yaml``): select's keep and
+    granularity groups (same meaning, same defaults) plus the metrics to compare."""
 
-    stats: str = field(default="", metadata={"help": "statistics: our .safetensors file or the paper's stats-*.json"})
-    out: str = field(default="", metadata={"help": "directory for metric-agreement.tsv, .json and .png"})
+    stats: str = required(help="statistics: our .safetensors file or the paper's stats-*.json")
+    out: str = required(help="directory for metric-agreement.tsv, .json and .png")
     metrics: list[str] = field(default_factory=list, metadata={"help": "metrics to compare, comma-separated (default: every registered metric the file can score)"})
     directions: list[str] = field(default_factory=list, metadata={"help": "use only these directions src-tgt of the statistics, comma-separated (default: all)"})
-    strategy: str = select_field("strategy")
-    ratio: float | None = select_field("ratio")
-    keep: int | None = select_field("keep")
-    enc_dec: str = select_field("enc_dec")
-    enc_keep: int | None = select_field("enc_keep")
-    min_per_layer: int = select_field("min_per_layer")
-    granularity: str = select_field("granularity")
-    langs: list[str] = select_field("langs")
-    pairs: list[str] = select_field("pairs")
-    aggregate: str = select_field("aggregate")
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def selection(self, metric: str = "importance") -> SelectOptions:
         """The ``select`` options these flags mean, for ``metric``."""
-        return SelectOptions(metric=metric, **{key: getattr(self, key) for key in SELECTION_KEYS})
+        return SelectOptions.from_groups(self, metric=metric)
 
     def validate(self) -> None:
-        missing = [flag for flag, value in (("--stats", self.stats), ("--out", self.out)) if not value]
-        if missing:
-            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
         if self.strategy == "budget":
             raise ConfigError("compare-metrics compares kept sets at --ratio or --keep: use --strategy per-layer or global (budget is not offered)")
         if self.metrics and len(set(self.metrics)) < 2:

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.config import DTYPE_CHOICES, ConfigError, add_dataclass_flags, resolve
 from pruning.locking import claim_output
 
 NAME = "convert"
@@ -17,7 +17,7 @@ HELP = "Convert a checkpoint between layouts and dtypes (HF safetensors shards +
 class ConvertConfig:
     src: str = field(metadata={"help": "source checkpoint (HF directory, fairseq *-shared.pt or its directory)"})
     out: str = field(metadata={"help": "output directory (must not exist unless --overwrite)"})
-    dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: keep the source's)", "choices": ["bf16", "fp16", "fp32"]})
+    dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: keep the source's)", "choices": DTYPE_CHOICES})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
     shard_gb: float = field(default=4.0, metadata={"help": "maximum shard size in GiB (--layout hf)"})
     layout: str = field(default="hf", metadata={"help": "hf: safetensors shards + config.json; fairseq: checkpoint-shared.pt + checkpoint-rank-{r}.pt", "choices": ["hf", "fairseq"]})

@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.config import DTYPE_CHOICES, ConfigError, add_dataclass_flags, required, resolve
 from pruning.locking import claim_output
 
 NAME = "evaluate"
@@ -19,12 +19,12 @@ HELP = "Translate FLORES-200 directions and score chrF++ and spBLEU (sacrebleu);
 class EvaluateConfig:
     """Flags of ``nllb-prune evaluate`` (keys of ``conf/evaluate.yaml``)."""
 
-    model: str = field(default="", metadata={"help": "model: a pruned export, an HF-layout directory or a fairseq checkpoint"})
-    data: str = field(default="", metadata={"help": "FLORES-200 directory (holding dev/ and devtest/, or flores200_dataset/)"})
+    model: str = required(help="model: a pruned export, an HF-layout directory or a fairseq checkpoint")
+    data: str = required(help="FLORES-200 directory (holding dev/ and devtest/, or flores200_dataset/)")
     split: str = field(default="devtest", metadata={"help": "FLORES split: dev or devtest"})
     pairs: list[str] = field(default_factory=list, metadata={"help": "directions src-tgt, comma-separated"})
     langs: list[str] = field(default_factory=list, metadata={"help": "evaluate every direction between these languages, comma-separated"})
-    out: str = field(default="", metadata={"help": "score file to write (TSV); hypotheses go to OUT_STEM.hyp/, the summary to OUT_STEM.summary.json"})
+    out: str = required(help="score file to write (TSV); hypotheses go to OUT_STEM.hyp/, the summary to OUT_STEM.summary.json")
     max_sentences: Optional[int] = field(default=None, metadata={"help": "score only the first N sentences of each direction"})
     compare: Optional[str] = field(default=None, metadata={"help": "another score TSV (ours or the paper's): print per-direction and mean deltas"})
     spm: str = field(default="flores200", metadata={"help": "spBLEU tokenizer: flores200 (SPM-200), flores101 (SPM-100) or none", "choices": ["flores200", "flores101", "none"]})
@@ -32,7 +32,7 @@ class EvaluateConfig:
     max_length: int = field(default=200, metadata={"help": "most target tokens generated per sentence"})
     batch_tokens: int = field(default=4096, metadata={"help": "most padded source tokens per batch"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
-    dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: the checkpoint's)", "choices": ["bf16", "fp16", "fp32"]})
+    dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: the checkpoint's)", "choices": DTYPE_CHOICES})
     lid: Optional[str] = field(default=None, metadata={"help": "language-identification model (fastText .bin/.ftz with FLORES labels, or `nllb-prune train-lid` JSON): adds the off-target rate"})
     zero_experts: bool = field(default=False, metadata={"help": "the no-expert floor: every expert output zeroed, so MoE layers add nothing; routing still runs"})
     long_input: str = field(default="error", metadata={
@@ -41,9 +41,6 @@ class EvaluateConfig:
     })
 
     def validate(self) -> None:
-        missing = [flag for flag, value in (("--model", self.model), ("--data", self.data), ("--out", self.out)) if not value]
-        if missing:
-            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
         if bool(self.pairs) == bool(self.langs):
             raise ConfigError("give exactly one of --pairs src-tgt,... and --langs L1,L2,...")
         if self.max_sentences is not None and self.max_sentences < 1:

@@ -7,50 +7,54 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.config import DTYPE_CHOICES, ConfigError, add_dataclass_flags, required, resolve
 from pruning.locking import claim_output
+from pruning.policy import POLICIES, check_policy
 
 NAME = "export"
 HELP = "Write a pruned single-GPU checkpoint: the dense part plus the experts an expert index keeps for some directions."
 
-DTYPE_CHOICES = ["bf16", "fp16", "fp32"]
-POLICY_CHOICES = ["drop", "skip", "substitute", "merge"]
-
-
 @dataclass
-class ExportConfig:
-    """Flags of ``nllb-prune export`` (keys of a ``conf/*.yaml`` given with ``--config``)."""
+class ExportOptions:
+    """The export's flags (also ``prune``'s): source, target directions, storage, pruned-expert policy."""
 
-    model: str = field(default="", metadata={"help": "source checkpoint: HF-layout directory, fairseq *-shared.pt or its directory, or an export"})
-    experts: str = field(default="", metadata={"help": "expert index (the paper's experts.json format: per language, per direction or one list)"})
-    out: str = field(default="", metadata={"help": "export directory (must not exist unless --overwrite)"})
+    model: str = required(help="source checkpoint: HF-layout directory, fairseq *-shared.pt or its directory, or an export")
+    out: str = required(help="export directory (must not exist unless --overwrite)")
     src: Optional[str] = field(default=None, metadata={"help": "source language of the one direction to export (with --tgt)"})
     tgt: Optional[str] = field(default=None, metadata={"help": "target language of the one direction to export (with --src)"})
     langs: list[str] = field(default_factory=list, metadata={"help": "export every direction between these languages, comma-separated"})
     pairs: list[str] = field(default_factory=list, metadata={"help": "export these directions src-tgt, comma-separated"})
     dtype: str = field(default="bf16", metadata={"help": "storage dtype of the weights (routers stay fp32)", "choices": DTYPE_CHOICES})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing export directory"})
-    shard_gb: float = field(default=4.0, metadata={"help": "maximum shard size in GiB (bounds the export's memory use)"})
+    shard_gb: float = field(default=4.0, metadata={"help": "maximum shard size in GiB (memory does not depend on it: tensors are streamed)"})
     policy: str = field(default="drop", metadata={
         "help": "treatment of pruned experts: drop (router rows removed, the paper's), skip (rows kept, a token routed to a "
         "pruned expert gets nothing from it; no statistics needed), substitute (rows kept, answered by "
         "the expert's mean output; needs --stats from `stats --expert-outputs`), merge (folded into the kept expert "
         "they co-activate with most, frequency-weighted; needs --stats)",
-        "choices": POLICY_CHOICES,
+        "choices": POLICIES,
     })
     stats: str = field(default="", metadata={"help": "statistics file of the unpruned model (for --policy substitute|merge)"})
 
-    def validate(self) -> None:
-        missing = [flag for flag, value in (("--model", self.model), ("--experts", self.experts), ("--out", self.out)) if not value]
-        if missing:
-            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+    def validate_export(self) -> None:
         if not self.shard_gb > 0:
             raise ConfigError(f"--shard-gb must be positive, got {self.shard_gb}")
-        from pruning.policy import check_policy
-
         check_policy(self.policy, self.stats or None)
+
+    def directions(self) -> list[tuple[str, str]]:
+        from pruning.export import parse_directions
+
+        return parse_directions(src=self.src, tgt=self.tgt, langs=self.langs, pairs=self.pairs)
+
+
+@dataclass
+class ExportConfig(ExportOptions):
+    """Flags of ``nllb-prune export`` (keys of a ``conf/*.yaml`` given with ``--config``)."""
+
+    experts: str = required(help="expert index (the paper's experts.json format: per language, per direction or one list)")
+
+    def validate(self) -> None:
+        self.validate_export()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,12 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pruning.export import export_checkpoint, parse_directions, summarize
+    from pruning.export import export_checkpoint, summarize
     from pruning.manifest import read_manifest
     from pruning.model.loading import parse_dtype
 
     config = resolve(ExportConfig, args)
-    directions = parse_directions(src=config.src, tgt=config.tgt, langs=config.langs, pairs=config.pairs)
+    directions = config.directions()
     with claim_output(config.out, command=NAME, kind="directory"):
         out = export_checkpoint(
             config.model,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.config import ConfigError, add_dataclass_flags, required, resolve
 from pruning.locking import claim_output
 
 NAME = "merge-stats"
@@ -20,11 +20,9 @@ class MergeStatsConfig:
     """Flags of ``nllb-prune merge-stats`` (the inputs are positional, or the key ``inputs``)."""
 
     inputs: list[str] = field(default_factory=list, metadata={"help": "statistics files (.safetensors) to add together"})
-    out: str = field(default="", metadata={"help": "merged statistics file to write"})
+    out: str = required(help="merged statistics file to write")
 
     def validate(self) -> None:
-        if not self.out:
-            raise ConfigError("missing required setting: --out (the merged statistics file)")
         if len(self.inputs) < 1:
             raise ConfigError("give the statistics files to merge: nllb-prune merge-stats A B ... --out C")
 

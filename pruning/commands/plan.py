@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.config import DTYPE_CHOICES, ConfigError, add_dataclass_flags, required, resolve
 
 NAME = "plan"
 HELP = "Memory plan before any work: statistics (expert-parallel size, largest batch), the pruned export, translation; fits or not, and what would."
@@ -15,11 +15,11 @@ HELP = "Memory plan before any work: statistics (expert-parallel size, largest b
 
 @dataclass
 class PlanConfig:
-    model: str = field(default="", metadata={"help": "checkpoint (only its config and tensor list are read) or a preset: nllb-moe-54b"})
+    model: str = required(help="checkpoint (only its config and tensor list are read) or a preset: nllb-moe-54b")
     gpus: int = field(default=1, metadata={"help": "devices per job (statistics may use them all for --expert-parallel)"})
-    gpu_mem: str = field(default="", metadata={"help": "memory per device, e.g. 32GB, 24GiB, 80G (GB read as GiB, as GPUs are labelled)"})
+    gpu_mem: str = required(help="memory per device, e.g. 32GB, 24GiB, 80G (GB read as GiB, as GPUs are labelled)")
     device: str = field(default="cuda", metadata={"help": "cuda (GPU memory) or cpu (this machine's memory: --gpu-mem is its RAM)", "choices": ["cuda", "cpu"]})
-    dtype: str = field(default="bf16", metadata={"help": "bf16 | fp16 (V100s have no bf16) | fp32", "choices": ["bf16", "fp16", "fp32"]})
+    dtype: str = field(default="bf16", metadata={"help": "bf16 | fp16 (V100s have no bf16) | fp32", "choices": DTYPE_CHOICES})
     batch_tokens: int = field(default=4096, metadata={"help": "statistics: tokens per side in one step (stats --batch-tokens)"})
     batch: int = field(default=16, metadata={"help": "translation: sentences at once"})
     beam: int = field(default=4, metadata={"help": "translation: beam size"})
@@ -35,9 +35,6 @@ class PlanConfig:
     json: bool = field(default=False, metadata={"help": "print the plan as JSON"})
 
     def validate(self) -> None:
-        missing = [flag for flag, value in (("--model", self.model), ("--gpu-mem", self.gpu_mem)) if not value]
-        if missing:
-            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
         if self.gpus < 1:
             raise ConfigError(f"--gpus must be a positive integer, got {self.gpus}")
         if self.experts and self.ratio is not None:

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.config import ConfigError, add_dataclass_flags, required, resolve
 from pruning.locking import claim_output
 
 NAME = "plot"
@@ -19,14 +19,12 @@ class PlotConfig:
 
     stats: str = field(default="", metadata={"help": "statistics (.safetensors or the paper's .json): per-language usage heatmaps"})
     experts: str = field(default="", metadata={"help": "expert index (experts.json): experts per layer and language similarity"})
-    out: str = field(default="", metadata={"help": "directory for the PNG files"})
+    out: str = required(help="directory for the PNG files")
     langs: list[str] = field(default_factory=list, metadata={"help": "languages for the heatmaps, comma-separated (default: the first --max-langs)"})
     max_langs: int = field(default=8, metadata={"help": "heatmaps drawn when --langs is not given"})
     metric: str = field(default="topk", metadata={"help": "score shown by the heatmaps (a registered metric)"})
 
     def validate(self) -> None:
-        if not self.out:
-            raise ConfigError("missing required setting: --out (directory for the PNG files)")
         if not self.stats and not self.experts:
             raise ConfigError("give --stats (usage heatmaps) and/or --experts (experts per layer, language similarity)")
         if self.max_langs < 0:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
 
-from pruning.commands.export import DTYPE_CHOICES, ExportConfig
+from pruning.commands.export import ExportOptions
 from pruning.commands.select import SelectConfig
-from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.config import DTYPE_CHOICES, ConfigError, add_dataclass_flags, required, resolve
 from pruning.locking import claim_output
 from pruning.select import SelectOptions
 
@@ -18,7 +17,7 @@ HELP = "Select experts from routing statistics and export the pruned model in on
 
 
 @dataclass
-class PruneConfig(SelectConfig):
+class PruneConfig(ExportOptions, SelectConfig):
     """Flags of ``nllb-prune prune`` (keys of ``conf/prune.yaml``): those of ``select`` plus the export's.
 
     ``--langs``/``--pairs``/``--src --tgt`` name the exported directions; the selection is run for
@@ -29,24 +28,12 @@ class PruneConfig(SelectConfig):
 
     langs: list[str] = field(default_factory=list, metadata={"help": "export every direction between these languages (comma-separated); selection runs for them"})
     pairs: list[str] = field(default_factory=list, metadata={"help": "export these directions src-tgt (comma-separated); selection runs for their languages or for them"})
-    out: str = field(default="", metadata={"help": "export directory to write (must not exist unless --overwrite)"})
     dtype: str = field(default="bf16", metadata={"help": "storage dtype of the export (routers stay fp32), also the dtype of --budget-gb", "choices": DTYPE_CHOICES})
-    model: str = field(default="", metadata={"help": "source checkpoint: HF-layout directory, fairseq *-shared.pt or its directory"})
-    src: Optional[str] = field(default=None, metadata={"help": "source language of the one direction to export (with --tgt)"})
-    tgt: Optional[str] = field(default=None, metadata={"help": "target language of the one direction to export (with --src)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing export directory"})
-    shard_gb: float = field(default=4.0, metadata={"help": "maximum shard size in GiB (bounds the export's memory use)"})
-    policy: str = field(default="drop", metadata=ExportConfig.__dataclass_fields__["policy"].metadata)
-
-    def directions(self) -> list[tuple[str, str]]:
-        from pruning.export import parse_directions
-
-        return parse_directions(src=self.src, tgt=self.tgt, langs=self.langs, pairs=self.pairs)
+    stats: str = required(help="statistics to select from (our .safetensors file or the paper's stats-*.json); also --policy substitute|merge's")
 
     def selection_options(self) -> SelectOptions:
         """The selection part, restricted to what the exported directions need."""
-        names = {f.name for f in dataclasses.fields(SelectOptions)}
-        values = {name: getattr(self, name) for name in names}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(SelectOptions)}
         directions = self.directions()
         values["langs"], values["pairs"] = [], []
         if self.granularity == "lang":
@@ -56,20 +43,13 @@ class PruneConfig(SelectConfig):
         return SelectOptions(**values)
 
     def validate(self) -> None:
-        missing = [flag for flag, value in (("--model", self.model), ("--stats", self.stats), ("--out", self.out)) if not value]
-        if missing:
-            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
-        if not self.shard_gb > 0:
-            raise ConfigError(f"--shard-gb must be positive, got {self.shard_gb}")
+        self.validate_export()
         if not self.directions() and self.granularity != "global":
             raise ConfigError(
                 f"--granularity {self.granularity} selects experts per {'language' if self.granularity == 'lang' else 'direction'}: "
                 "say which directions to export with --src/--tgt, --langs or --pairs"
             )
         self.selection_options().validate()
-        from pruning.policy import check_policy
-
-        check_policy(self.policy, self.stats or None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

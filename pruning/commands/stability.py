@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.config import ConfigError, add_dataclass_flags, required, resolve
 from pruning.locking import claim_output
 from pruning.select import SelectOptions
 
@@ -26,8 +26,8 @@ HELP = (
 class StabilityConfig(SelectOptions):
     """Flags of ``nllb-prune stability`` (keys of ``conf/stability.yaml``): the selection options plus these."""
 
-    stats: str = field(default="", metadata={"help": "chunked statistics (.safetensors from nllb-prune stats --chunk-sentences K)"})
-    out: str = field(default="", metadata={"help": "directory for stability.tsv, .json and .png"})
+    stats: str = required(help="chunked statistics (.safetensors from nllb-prune stats --chunk-sentences K)")
+    out: str = required(help="directory for stability.tsv, .json and .png")
     samples: int = field(default=200, metadata={"help": "bootstrap samples per number of chunks"})
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap (every entry draws the same chunk indices)"})
     threshold: float = field(default=0.9, metadata={"help": "report the fewest sentences from which the mean Jaccard stays at or above this"})
@@ -35,9 +35,6 @@ class StabilityConfig(SelectOptions):
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def validate(self) -> None:
-        missing = [flag for flag, value in (("--stats", self.stats), ("--out", self.out)) if not value]
-        if missing:
-            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
         if self.samples < 1:
             raise ConfigError(f"--samples must be at least 1, got {self.samples}")
         if not 0 < self.threshold <= 1:

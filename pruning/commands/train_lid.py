@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.config import ConfigError, add_dataclass_flags, required, resolve
 from pruning.locking import claim_output
 
 NAME = "train-lid"
@@ -17,10 +17,10 @@ HELP = "Train a character n-gram naive-Bayes language identifier (JSON) for `eva
 class TrainLidConfig:
     """Flags of ``nllb-prune train-lid``."""
 
-    data: str = field(default="", metadata={"help": "directory with SPLIT/{lang}.SPLIT text files (FLORES layout)"})
+    data: str = required(help="directory with SPLIT/{lang}.SPLIT text files (FLORES layout)")
     split: str = field(default="dev", metadata={"help": "split folder to train on (e.g. dev, or the testbed's train)"})
     langs: list[str] = field(default_factory=list, metadata={"help": "languages, comma-separated (default: every file of the split)"})
-    out: str = field(default="", metadata={"help": "model file to write (JSON)"})
+    out: str = required(help="model file to write (JSON)")
     ngram_min: int = field(default=1, metadata={"help": "shortest character n-gram"})
     ngram_max: int = field(default=3, metadata={"help": "longest character n-gram"})
     max_features: Optional[int] = field(default=None, metadata={"help": "keep only this many n-grams (the most frequent, summed over languages' relative frequencies)"})
@@ -30,9 +30,6 @@ class TrainLidConfig:
     eval_split: str = field(default="", metadata={"help": "split to report per-language accuracy on (default: none)"})
 
     def validate(self) -> None:
-        missing = [flag for flag, value in (("--data", self.data), ("--out", self.out)) if not value]
-        if missing:
-            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ConfigError(f"--ngram-min/--ngram-max must satisfy 1 <= min <= max, got {self.ngram_min}/{self.ngram_max}")
         if self.eval_data and not self.eval_split:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from pruning.atomic import write_text
-from pruning.config import ConfigError, add_dataclass_flags, resolve
+from pruning.config import DTYPE_CHOICES, ConfigError, add_dataclass_flags, required, resolve
 from pruning.locking import claim_output
 
 NAME = "translate"
@@ -21,16 +21,16 @@ HELP = "Translate lines (stdin or --input) with a full model or a pruned export;
 class TranslateConfig:
     """Flags of ``nllb-prune translate`` (keys of ``conf/translate.yaml``)."""
 
-    model: str = field(default="", metadata={"help": "model: a pruned export, an HF-layout directory or a fairseq checkpoint"})
-    src: str = field(default="", metadata={"help": "source language code, e.g. fra_Latn"})
-    tgt: str = field(default="", metadata={"help": "target language code, e.g. eng_Latn"})
+    model: str = required(help="model: a pruned export, an HF-layout directory or a fairseq checkpoint")
+    src: str = required(help="source language code, e.g. fra_Latn")
+    tgt: str = required(help="target language code, e.g. eng_Latn")
     input: Optional[str] = field(default=None, metadata={"help": "file of sentences, one per line (default: stdin)"})
     output: Optional[str] = field(default=None, metadata={"help": "file to write (default: stdout); written to a temporary name, then renamed"})
     beam: int = field(default=4, metadata={"help": "beam size (1 = greedy)"})
     max_length: int = field(default=200, metadata={"help": "most target tokens generated per sentence"})
     batch_tokens: int = field(default=4096, metadata={"help": "most padded source tokens per batch"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
-    dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: the checkpoint's)", "choices": ["bf16", "fp16", "fp32"]})
+    dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: the checkpoint's)", "choices": DTYPE_CHOICES})
     long_input: str = field(default="error", metadata={
         "help": "a line longer than the model's positions (max_position_embeddings, 1024 for NLLB-200): error (stop before "
         "translating anything), truncate (translate its first tokens) or split (translate it in pieces joined by a space); "
@@ -39,9 +39,6 @@ class TranslateConfig:
     })
 
     def validate(self) -> None:
-        missing = [flag for flag, value in (("--model", self.model), ("--src", self.src), ("--tgt", self.tgt)) if not value]
-        if missing:
-            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
         from pruning.model.loading import check_device
 
         check_device(self.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pruning.config import ConfigError
+from pruning.config import ConfigError, check_required, required
 from pruning.data.directions import direction_key, split_direction
 from pruning.stats.counters import StatsError
 
@@ -17,8 +17,8 @@ MODES = ("teacher", "beam")
 class StatsOptions:
     """What ``nllb-prune stats`` collects; each field is a flag and a key of ``conf/collect_stats.yaml``."""
 
-    model: str = field(default="", metadata={"help": "checkpoint: HF-layout directory, fairseq checkpoint, or a pruned export"})
-    data: str = field(default="", metadata={"help": "FLORES-200 directory (holding dev/ and devtest/, or flores200_dataset/)"})
+    model: str = required(help="checkpoint: HF-layout directory, fairseq checkpoint, or a pruned export")
+    data: str = required(help="FLORES-200 directory (holding dev/ and devtest/, or flores200_dataset/)")
     split: str = field(default="dev", metadata={"help": "FLORES split: dev or devtest"})
     langs: list[str] = field(default_factory=list, metadata={"help": "languages, comma-separated: every direction among them"})
     pairs: list[str] = field(default_factory=list, metadata={"help": "directions src-tgt, comma-separated"})
@@ -34,16 +34,14 @@ class StatsOptions:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)"})
     dtype: str | None = field(default=None, metadata={"help": "fp32, bf16 or fp16 (default: the checkpoint's); routers always run in fp32"})
     dispatch: str = field(default="auto", metadata={"help": "expert dispatch: auto (grouped GEMM where supported), grouped or loop", "choices": ("auto", "grouped", "loop")})
-    out: str = field(default="", metadata={"help": "statistics file to write (.safetensors)"})
+    out: str = required(help="statistics file to write (.safetensors)")
     resume: bool = field(default=False, metadata={"help": "continue --out: skip the directions it already holds"})
     expert_parallel: int = field(default=1, metadata={"help": "ranks sharing one model's experts (torchrun); world = this x data-parallel size"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
     expert_outputs: bool = field(default=False, metadata={"help": "also count expert-output norms, gate x norm, max |activation|, mean output, co-activation and the p2/p1 gate histogram (one process: the experts run twice; docs/statistics.md)"})
 
     def validate(self) -> None:
-        missing = [flag for flag, value in (("--model", self.model), ("--data", self.data), ("--out", self.out)) if not value]
-        if missing:
-            raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
+        check_required(self)  # also when built in Python, not from flags
         given = [flag for flag, value in (("--langs", self.langs), ("--pairs", self.pairs), ("--lang", self.lang)) if value]
         if len(given) != 1:
             what = "none" if not given else " and ".join(given)
