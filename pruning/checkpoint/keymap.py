@@ -76,8 +76,10 @@ CANONICAL_PATTERNS: list[str] = [
     rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.fc(1|2)\.{_WB}",
     rf"{_SIDE}\.layers\.{_N}\.ffn\.constant_outputs",  # substitute-policy exports (pruning.manifest)
 ]
+QUANT_COMPANION = r"\.weight_(scale|min)"
+"""A quantized export's ``X.weight_scale`` / ``X.weight_min`` beside each quantized ``X.weight`` (pruning.quant)."""
 
-_EXPERT_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.(fc1|fc2)\.{_WB}")
+_EXPERT_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.(fc1|fc2)\.(weight|bias|weight_scale|weight_min)")
 _ROUTER_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.router\.classifier\.weight")
 
 
@@ -87,7 +89,7 @@ class ExpertKey:
     layer: int
     expert: int
     linear: str  # "fc1" | "fc2"
-    kind: str  # "weight" | "bias"
+    kind: str  # "weight" | "bias" (| "weight_scale" | "weight_min" in a quantized export)
 
 
 def map_key(key: str, table: list[tuple[str, Optional[str]]], *, expert: Optional[int] = None) -> Optional[str] | bool:
@@ -108,6 +110,10 @@ def map_key(key: str, table: list[tuple[str, Optional[str]]], *, expert: Optiona
 
 
 def is_canonical(name: str) -> bool:
+    """A canonical tensor name, or a quantized export's scale / minimum of a canonical ``X.weight``."""
+    companion = re.fullmatch(rf"(.+){QUANT_COMPANION}", name)
+    if companion is not None:
+        name = companion.group(1) + ".weight"
     return any(re.fullmatch(p, name) for p in CANONICAL_PATTERNS)
 
 

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pruning.commands.export import DTYPE_CHOICES, ExportConfig
+from pruning.commands.export import DTYPE_CHOICES, ExportConfig, quant_spec
 from pruning.commands.select import SelectConfig
 from pruning.config import ConfigError, add_dataclass_flags, resolve
 from pruning.locking import claim_output
@@ -37,6 +37,12 @@ class PruneConfig(SelectConfig):
     overwrite: bool = field(default=False, metadata={"help": "replace an existing export directory"})
     shard_gb: float = field(default=4.0, metadata={"help": "maximum shard size in GiB (bounds the export's memory use)"})
     policy: str = field(default="drop", metadata=ExportConfig.__dataclass_fields__["policy"].metadata)
+    quantize: str = field(default="", metadata=ExportConfig.__dataclass_fields__["quantize"].metadata)
+    quantize_dense: bool = field(default=False, metadata=ExportConfig.__dataclass_fields__["quantize_dense"].metadata)
+    group_size: Optional[int] = field(default=None, metadata=ExportConfig.__dataclass_fields__["group_size"].metadata)
+
+    def quant_spec(self):  # noqa: ANN201 - Optional[pruning.quant.QuantSpec]
+        return quant_spec(self.quantize, dense=self.quantize_dense, group_size=self.group_size)
 
     def directions(self) -> list[tuple[str, str]]:
         from pruning.export import parse_directions
@@ -70,6 +76,7 @@ class PruneConfig(SelectConfig):
         from pruning.policy import check_policy
 
         check_policy(self.policy, self.stats or None)
+        self.quant_spec()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,5 +128,6 @@ def prune(config: PruneConfig, *, progress: bool = True) -> list[str]:
         progress=progress,
         policy=config.policy,
         stats=config.stats if config.policy in NEEDS_STATISTICS else None,
+        quantize=config.quant_spec(),
     )
     return [*selection.summary(), f"source {config.model}", *summarize(out, read_manifest(out) or {})]
