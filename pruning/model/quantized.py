@@ -33,9 +33,17 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 """Activation dtypes for which ``torch._weight_int8pack_mm`` is fast on CPU (fp32 falls back to a slow path)."""
 
 
+KERNEL_K_MULTIPLE = 16
+"""torch 2.13's CPU ``_weight_int8pack_mm`` returns wrong sums (and can crash) when the input width is not a
+multiple of 16 (measured: K = 8, 24 wrong; 16, 48, 80, 144 right); such matrices are dequantized instead."""
+
+
 def int8_kernel_applies(x: torch.Tensor, q: torch.Tensor) -> bool:
     """Whether :func:`quantized_linear` hands int8 codes straight to ``torch._weight_int8pack_mm``."""
-    return q.dtype == torch.int8 and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and hasattr(torch, "_weight_int8pack_mm")
+    return (
+        q.dtype == torch.int8 and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
+        and q.shape[-1] % KERNEL_K_MULTIPLE == 0 and hasattr(torch, "_weight_int8pack_mm")
+    )
 
 
 def quantized_linear(
