@@ -261,3 +261,38 @@ def check_can_quantize(spec: Optional[QuantSpec], *, source_manifest: Optional[M
             f"--quantize {spec.scheme}: {source} is already quantized ({already.describe()}); quantize once, "
             "from the unquantized model (export again from it), or export from this one without --quantize"
         )
+
+
+# ---- bytes (nllb-prune plan) -------------------------------------------------------------------------
+def matrix_bytes(spec: QuantSpec, *, rows: int, cols: int) -> int:
+    """Stored bytes of one quantized [rows, cols] weight: codes + fp32 scales (+ int4 minimums)."""
+    spec.check_width(f"a [{rows}, {cols}] weight", cols)
+    if spec.scheme == "int8":
+        return rows * cols + rows * SCALE_DTYPE.itemsize
+    return rows * cols // 2 + 2 * rows * (cols // spec.group_size) * SCALE_DTYPE.itemsize  # type: ignore[operator]
+
+
+def expert_bytes(topology: Any, spec: QuantSpec, itemsize: int) -> int:
+    """One expert: fc1 [F, D] and fc2 [D, F] quantized, biases at ``itemsize``."""
+    d, f = topology.d_model, topology.ffn_dim
+    return matrix_bytes(spec, rows=f, cols=d) + matrix_bytes(spec, rows=d, cols=f) + (f + d) * itemsize
+
+
+def dense_linears(topology: Any) -> list[tuple[int, int, int]]:
+    """``(rows, cols, count)`` of the dense weights ``--quantize-dense`` quantizes: attention projections, dense FFNs."""
+    d, f = topology.d_model, topology.ffn_dim
+    attentions = topology.encoder_layers + 2 * topology.decoder_layers  # self attention everywhere, cross in the decoder
+    dense_ffns = topology.encoder_layers + topology.decoder_layers - topology.num_moe_layers
+    return [(d, d, 4 * attentions), (f, d, dense_ffns), (d, f, dense_ffns)]
+
+
+def dense_saving(topology: Any, spec: QuantSpec, itemsize: int) -> int:
+    """Bytes ``spec`` removes from the dense part at ``itemsize`` (0 unless it targets the dense layers)."""
+    if not spec.dense:
+        return 0
+    return sum(count * (rows * cols * itemsize - matrix_bytes(spec, rows=rows, cols=cols)) for rows, cols, count in dense_linears(topology))
+
+
+def dequantization_bytes(topology: Any, itemsize: int) -> int:
+    """The transient of the loop dispatch and of a quantized dense layer: a dequantized [F, D] matrix, two alive at most."""
+    return 2 * topology.ffn_dim * topology.d_model * itemsize

@@ -408,3 +408,28 @@ def test_quantized_export_loads_in_plain_transformers_with_the_same_outputs(name
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
             else:  # the same kernels on the same experts; bf16 sums may differ in order
                 assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+# ---- the memory plan ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [None, *sorted(SPECS)])
+def test_plan_counts_the_bytes_a_quantized_export_stores(name, tmp_path, tiny_hf_dir, index_path):
+    """``plan --quantize`` against the tensor bytes of the one-direction export it describes."""
+    from pruning.checkpoint.reader import open_checkpoint
+    from pruning.plan import Hardware, Workload, build_plan, kept_from_index
+
+    spec = SPECS[name] if name else None
+    out = export(tiny_hf_dir, tmp_path / "one", index_path, langs=(FRA, DEU), quantize=spec) if spec else None
+    out = out or export(tiny_hf_dir, tmp_path / "one", index_path, langs=(FRA, DEU))
+    reader = open_checkpoint(out)
+    on_disk = sum(e.tensor.dtype.itemsize * torch.Size(e.tensor.shape).numel() for e in reader.entries())
+    workload = Workload("fp32", quantize=spec.scheme if spec else "", quantize_dense=bool(spec and spec.dense), group_size=spec.group_size if spec else None)
+    kept = kept_from_index(reader.topology, index_path, [(FRA, DEU), (DEU, FRA)])
+    plan = build_plan(reader.topology, Hardware(1, 2**30, "cpu"), workload, kept)
+    assert plan["translation_multi_direction"]["weights_bytes"] == on_disk
+
+
+def test_plan_refuses_bad_quantize_flags(capsys):
+    code = main(["plan", "--model", "nllb-moe-54b", "--gpu-mem", "16GB", "--quantize", "int2"])
+    assert code == 2 and "--quantize must be one of int8, int4, got 'int2'" in capsys.readouterr().err
+    code = main(["plan", "--model", "nllb-moe-54b", "--gpu-mem", "16GB", "--quantize", "int4", "--group-size", "96"])
+    assert code == 2 and "--group-size 96 must divide" in capsys.readouterr().err
