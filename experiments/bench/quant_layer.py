@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 
 import torch
 
@@ -79,6 +80,31 @@ def expert_bytes(layer: MoeLayer) -> int:
     return sum(p.numel() * p.element_size() for p in layer.experts.parameters())
 
 
+def variants(source: MoeLayer, group_size: int) -> dict[str, tuple[MoeLayer, torch.dtype, object, bool]]:
+    """label -> (layer, activation dtype, dispatch, int8 kernel on); quantized layers are shared between labels."""
+    bf16 = float_layer(source.experts.num_experts, source.experts.fc1_weight.shape[2], source.experts.fc1_weight.shape[1]).to(torch.bfloat16)
+    int8 = quantized_layer(source, QuantSpec.make("int8"), torch.bfloat16)
+    int4 = quantized_layer(source, QuantSpec.make("int4", group_size=group_size), torch.bfloat16)
+    int4pack = MoeLayer(d_model=bf16.experts.fc1_weight.shape[2], ffn_dim=bf16.experts.fc1_weight.shape[1], expert_ids=source.expert_ids).eval()
+    int4pack.router.weight = source.router.weight
+    int4pack.experts = Int4PackExperts(int4.experts, torch.bfloat16)  # type: ignore[assignment]
+    loop, grouped = DISPATCHES["loop"], DISPATCHES["grouped"]
+    return {
+        "fp32 loop": (source, torch.float32, loop, True),
+        "fp32 grouped": (source, torch.float32, grouped, True),
+        "bf16 loop": (bf16, torch.bfloat16, loop, True),
+        "bf16 grouped": (bf16, torch.bfloat16, grouped, True),
+        "int8 bf16 loop (what load_model runs: int8 kernel up to 64 tokens per expert)": (int8, torch.bfloat16, loop, True),
+        "int8 bf16 loop (dequantize each expert)": (int8, torch.bfloat16, loop, False),
+        "int8 bf16 grouped (dequantize the layer)": (int8, torch.bfloat16, dequantized_grouped_dispatch, False),
+        "int8 fp32 loop (dequantize each expert)": (int8, torch.float32, loop, False),
+        "int4 bf16 loop (dequantize each expert)": (int4, torch.bfloat16, loop, False),
+        "int4 bf16 grouped (dequantize the layer)": (int4, torch.bfloat16, dequantized_grouped_dispatch, False),
+        "int4 fp32 loop (dequantize each expert)": (int4, torch.float32, loop, False),
+        "int4 bf16 loop (torch int4pack kernel, not wired)": (int4pack, torch.bfloat16, loop, False),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -94,59 +120,36 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for experts in map(int, args.experts.split(",")):
         source = float_layer(experts, args.d_model, args.ffn)
+        cases = variants(source, args.group_size)
         hidden = {t: torch.randn(1, t, args.d_model, generator=torch.Generator().manual_seed(t)) for t in map(int, args.tokens.split(","))}
-        results: dict[int, dict[str, float]] = {t: {} for t in hidden}
-        sizes: dict[str, int] = {}
-
-        def timed(label: str, layer: MoeLayer, dtype: torch.dtype) -> None:
-            layer = layer.to(device)
-            for t, x in hidden.items():
-                x = x.to(device=device, dtype=dtype)
-                with torch.no_grad():
-                    results[t][label] = time_ms(lambda: layer(x, None), device=device, warmup=1, repeats=args.repeats)
-                print(f"experts {experts} tokens {t} {label}: {results[t][label]:.1f} ms", flush=True)
-
-        for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            layer = source if dtype == torch.float32 else float_layer(experts, args.d_model, args.ffn).to(dtype)
-            sizes[tag] = expert_bytes(layer)
-            for dispatch in ("loop", "grouped"):
-                layer.dispatch = DISPATCHES[dispatch]
-                timed(f"{tag} {dispatch}", layer, dtype)
-            if layer is not source:
-                del layer
-                gc.collect()
-        for scheme in ("int8", "int4"):
-            spec = QuantSpec.make(scheme, group_size=args.group_size if scheme == "int4" else None)
-            layer = quantized_layer(source, spec, torch.bfloat16)
-            sizes[scheme] = expert_bytes(layer)
-            layer.dispatch = DISPATCHES["loop"]
-            timed(f"{scheme} bf16 loop" + (" (int8 kernel)" if scheme == "int8" else " (dequantize)"), layer, torch.bfloat16)
-            if scheme == "int8":
-                set_kernel(layer, False)
-                timed("int8 bf16 loop (dequantize)", layer, torch.bfloat16)
-                set_kernel(layer, True)
-            else:
-                layer.experts, quantized = Int4PackExperts(layer.experts, torch.bfloat16), layer.experts  # type: ignore[assignment]
-                timed("int4 bf16 loop (torch int4pack kernel, not wired)", layer, torch.bfloat16)
-                layer.experts = quantized
-            layer.dispatch = dequantized_grouped_dispatch
-            timed(f"{scheme} bf16 grouped (dequantize layer)", layer, torch.bfloat16)
-            layer.dispatch = DISPATCHES["loop"]
-            timed(f"{scheme} fp32 loop (dequantize)", layer.float(), torch.float32)
-            del layer
-            gc.collect()
-        for t, timings in results.items():
-            for label, ms in timings.items():
+        samples: dict[tuple[str, int], list[float]] = {}
+        for round_ in range(args.repeats + 1):  # round 0 warms up; variants interleaved, so interference hits all alike
+            for label, (layer, dtype, dispatch, kernel) in cases.items():
+                layer.dispatch = dispatch
+                set_kernel(layer, kernel)
+                for t, x in hidden.items():
+                    x = x.to(device=device, dtype=dtype)
+                    with torch.no_grad():
+                        ms = time_ms(lambda: layer(x, None), device=device, warmup=0, repeats=1)
+                    if round_:
+                        samples.setdefault((label, t), []).append(ms)
+            print(f"experts {experts}: round {round_} done", flush=True)
+        for t in hidden:
+            median = {label: statistics.median(samples[(label, t)]) for label in cases}
+            for label, ms in median.items():
                 dispatch = "grouped" if "grouped" in label else "loop"
                 rows.append({"experts": experts, "tokens": t, "variant": label, "ms": ms,
-                             "vs_bf16_same_dispatch": ms / timings[f"bf16 {dispatch}"], "vs_fp32_loop": ms / timings["fp32 loop"]})
-        for tag, nbytes in sizes.items():
-            rows.append({"experts": experts, "tokens": "-", "variant": f"expert bytes {tag}", "ms": "", "bytes_MiB": round(nbytes / 2**20, 1),
-                         "vs_bf16_same_dispatch": nbytes / sizes["bf16"]})
-        del source
+                             "vs_bf16_same_dispatch": ms / median[f"bf16 {dispatch}"], "vs_bf16_best": ms / min(median["bf16 loop"], median["bf16 grouped"]),
+                             "vs_fp32_loop": ms / median["fp32 loop"]})
+                print(rows[-1], flush=True)
+        for tag, layer in (("fp32", cases["fp32 loop"][0]), ("bf16", cases["bf16 loop"][0]), ("int8", cases["int8 bf16 grouped (dequantize the layer)"][0]),
+                           ("int4", cases["int4 bf16 grouped (dequantize the layer)"][0])):
+            rows.append({"experts": experts, "tokens": "-", "variant": f"expert bytes {tag}", "bytes_MiB": round(expert_bytes(layer) / 2**20, 1)})
+        del source, cases
         gc.collect()
-    sig = signature(device) | {"d_model": args.d_model, "ffn": args.ffn, "int4_group_size": args.group_size}
-    table = markdown_table(rows, ["experts", "tokens", "variant", "ms", "vs_bf16_same_dispatch", "vs_fp32_loop", "bytes_MiB"])
+    sig = signature(device) | {"d_model": args.d_model, "ffn": args.ffn, "int4_group_size": args.group_size, "repeats": args.repeats,
+                               "method": "median of interleaved rounds (every variant once per round)"}
+    table = markdown_table(rows, ["experts", "tokens", "variant", "ms", "vs_bf16_same_dispatch", "vs_bf16_best", "vs_fp32_loop", "bytes_MiB"])
     paths = write_results(args.name or f"bench_quant_layer_{device.type}", {"signature": sig, "rows": rows}, table)
     print(table)
     print(f"wrote {paths[0]} and {paths[1]}")
