@@ -107,3 +107,7 @@ beyond-report: setup
 testbed-lid: setup ## the testbed's language identifier for `evaluate --lid` (naive Bayes on train/, accuracy on devtest)
 	$(CLI) train-lid --data experiments/testbed/data --split train --langs $(TESTBED_LANGS) --ngram-max 4 --alpha 0.1 \
 		--max-features 20000 --out experiments/testbed/lid.json --eval-data experiments/testbed/data/flores --eval-split devtest
+
+quant-study: setup ## quantized exports on the testbed: chrF++ / off-target at bf16, int8, int4 (paired, ~25 min on 2 cores) and weight/activation ranges
+	$(PY) -m experiments.quant.study
+	$(PY) -m experiments.quant.ranges
