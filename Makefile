@@ -108,6 +108,19 @@ testbed-lid: setup ## the testbed's language identifier for `evaluate --lid` (na
 	$(CLI) train-lid --data experiments/testbed/data --split train --langs $(TESTBED_LANGS) --ngram-max 4 --alpha 0.1 \
 		--max-features 20000 --out experiments/testbed/lid.json --eval-data experiments/testbed/data/flores --eval-split devtest
 
+.PHONY: rehearsal rehearsal-small plan-nllb
+REHEARSAL ?= $(OUT)/rehearsal
+rehearsal: setup ## NLLB-200's real shapes end to end on this machine (~70 min on 2 cores, ~60 GB disk at peak, emptied at the end)
+	$(PY) -m experiments.fullwidth.run --work $(REHEARSAL) --threads 1 --sentences 32
+	$(PY) -m experiments.fullwidth.report
+
+rehearsal-small: setup ## the same steps at d_model 256 (~5 min, <2 GB disk): a check of the harness
+	$(PY) -m experiments.fullwidth.run --work $(OUT)/rehearsal-small --small --sentences 8 --results $(OUT)/rehearsal-small.json
+
+plan-nllb: setup ## the memory plans the docs quote for the real NLLB-200
+	$(CLI) plan --model nllb-moe-54b --gpus 4 --gpu-mem 32GB --dtype fp16 --batch-tokens 4096
+	$(CLI) plan --model nllb-moe-54b --gpu-mem 32GB --dtype bf16 --batch 16 --beam 4
+
 quant-study: setup ## quantized exports on the testbed: chrF++ / off-target at bf16, int8, int4 (paired, ~25 min on 2 cores) and weight/activation ranges
 	$(PY) -m experiments.quant.study
 	$(PY) -m experiments.quant.ranges

@@ -76,7 +76,7 @@ def read_router_rows(path: str | os.PathLike[str]) -> RouterRows:
     """The router weights of checkpoint ``path`` (either layout), read tensor by tensor; experts are not loaded."""
     from pruning.checkpoint.keymap import parse_router_key
     from pruning.checkpoint.reader import open_checkpoint
-    from pruning.topology import SHORT_SIDE, SIDES
+    from pruning.data.directions import SHORT_SIDE, SIDES
 
     reader = open_checkpoint(path)
     topology = reader.topology

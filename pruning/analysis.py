@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 
 from metrics import MetricError, aggregate_metric, compute_metric, metric_names
 from metrics.outputs import needs_expert_outputs
+from pruning.data.directions import long_side
 from pruning.errors import UserError
 from pruning.select import KeepPlan, SelectOptions, Unit, plan_keep, plan_units, select_masks, select_per_layer
 from pruning.stats.counters import RoutingStats
 
-SIDE_NAMES = {"enc": "encoder", "dec": "decoder"}
 
 
 class AnalysisError(UserError):
@@ -187,7 +187,7 @@ def compare_metrics(stats: RoutingStats, options: SelectOptions, metrics: Sequen
             for side in scores[a]:
                 rho = spearman(scores[a][side], scores[b][side])  # [L]
                 jac = jaccard(masks[a][side], masks[b][side])  # [L]
-                layers = topology.moe_layers(SIDE_NAMES[side])  # type: ignore[arg-type]
+                layers = topology.moe_layers(long_side(side))
                 for row, layer in enumerate(layers):
                     rows.append({
                         "unit": unit.key, "side": side, "layer": layer, "metric_a": a, "metric_b": b,

@@ -46,12 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrors)
     for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"pruning.commands.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"pruning.commands.{module_name}":
-                continue  # command not built yet
-            raise
+        module = importlib.import_module(f"pruning.commands.{module_name}")
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)

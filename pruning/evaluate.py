@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from pruning.data.directions import split_direction
 from pruning.errors import UserError
 
 SPM_CHOICES = ("flores200", "flores101", "none")
@@ -197,8 +198,7 @@ def read_scores(path: str | os.PathLike[str]) -> dict[str, dict[str, Optional[fl
             continue
         fields = line.split("\t")
         direction = fields[col["direction"]] if len(fields) > col["direction"] else ""
-        if direction.count("-") != 1:
-            raise EvaluateError(f"{path}:{number}: {direction!r} is not a direction 'src-tgt'")
+        split_direction(direction, what=f"{path}:{number}")
         if direction in out:
             raise EvaluateError(f"{path}:{number}: direction {direction} appears twice")
         out[direction] = {m: _parse_value(fields, col[m], path, number) for m in METRICS}
@@ -470,6 +470,7 @@ def build_summary(
         "decoding": options.signature(),
         "dtype": dtype_name(model),
         "device": device_name(model),
+        "no_experts": bool(getattr(model, "no_experts", False)),
     }
     versions = _versions()
     ours = "|".join(
@@ -478,6 +479,7 @@ def build_summary(
             f"model:{identity['model']}",
             f"manifest:{identity['manifest_sha256'][:12] if identity['manifest_sha256'] else 'none'}",
             f"index:{identity['index_sha256'][:12] if identity['index_sha256'] else 'none'}",
+            *(["experts:none"] if settings["no_experts"] else []),
             f"split:{split}",
             f"n:{settings['sentences_per_direction']}",
             options.signature(),

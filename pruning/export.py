@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -58,11 +58,10 @@ from pruning.checkpoint.writer import DEFAULT_SHARD_BYTES, atomic_directory
 from pruning.data.languages import check_code_form
 from pruning.errors import UserError
 from pruning.index import ExpertIndex, LayerExperts, experts_for_direction, read_index, validate_index, write_index
+from pruning.data.directions import ANY_DIRECTION, Direction, direction_key
 from pruning.manifest import (
-    ANY_DIRECTION,
     DROP,
     build_manifest,
-    direction_key,
     layer_name,
     natural_key,
     policy_name,
@@ -72,7 +71,8 @@ from pruning.manifest import (
 from pruning.quant import QuantSpec, check_can_quantize, quantize, spec_of
 from pruning.topology import Topology
 
-Direction = tuple[str, str]
+Pair = tuple[str, str]
+"""A direction as (src, tgt), as callers pass it; :class:`pruning.data.directions.Direction` parses and formats it."""
 CONFIG_DROP_KEYS = ("_name_or_path", "_commit_hash")
 """Config keys that would tie an export to where its source was read from."""
 REMOTE_CODE = Path(__file__).parent / "model" / "remote" / "modeling_nllb_moe_pruned.py"
@@ -91,7 +91,7 @@ def parse_directions(
     tgt: Optional[str] = None,
     langs: Sequence[str] = (),
     pairs: Sequence[str] = (),
-) -> list[Direction]:
+) -> list[Pair]:
     """``--src/--tgt`` (one direction), ``--langs`` (every ordered pair of distinct languages) or ``--pairs``.
 
     At most one of the three forms; none gives ``[]`` (valid only for an index with one list for all).
@@ -109,13 +109,7 @@ def parse_directions(
             raise ExportError(f"--langs needs at least two languages to make directions, got {list(langs)}")
         out = [(a, b) for a in unique for b in unique if a != b]
     else:
-        out = []
-        for pair in pairs:
-            parts = pair.split("-")
-            if len(parts) != 2 or not all(parts):
-                raise ExportError(f"--pairs: {pair!r} is not a direction 'src-tgt' (e.g. fra_Latn-eng_Latn)")
-            out.append((parts[0], parts[1]))
-        out = list(dict.fromkeys(out))
+        out = list(dict.fromkeys((d.src, d.tgt) for d in (Direction.parse(pair, what="--pairs") for pair in pairs)))
     for s, t in out:
         check_code_form(s, what="source language")
         check_code_form(t, what="target language")
@@ -138,7 +132,7 @@ class ExportPlan:
         return sorted(self.topology.global_id(side, layer, e) for (side, layer), ids in self.directions[key].items() for e in ids)
 
 
-def plan_export(index: ExpertIndex, topology: Topology, directions: Sequence[Direction], *, what: str = "expert index") -> ExportPlan:
+def plan_export(index: ExpertIndex, topology: Topology, directions: Sequence[Pair], *, what: str = "expert index") -> ExportPlan:
     """Resolve ``directions`` against ``index`` (every MoE layer must keep at least one expert)."""
     validate_index(index, topology, min_per_layer=1, what=what)
     per_direction: dict[str, LayerExperts] = {}
@@ -315,7 +309,7 @@ def export_checkpoint(
     *,
     experts: str | Path | ExpertIndex,
     out: str | Path,
-    directions: Sequence[Direction] = (),
+    directions: Sequence[Pair] = (),
     dtype: Optional[torch.dtype] = torch.bfloat16,
     overwrite: bool = False,
     max_shard_bytes: Optional[int] = None,
@@ -476,6 +470,3 @@ def policy_summary(manifest: Mapping[str, Any]) -> str:
     counts = ", ".join(f"{rule} {by.count(rule)}" for rule in sorted(set(by)))
     return f"merge ({rows} experts folded into kept ones, weights by {manifest['policy'].get('frequency')}; chosen by {counts})"
 
-
-def iter_languages(directions: Iterable[Direction]) -> list[str]:
-    return sorted({lang for pair in directions for lang in pair})

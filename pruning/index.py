@@ -24,7 +24,8 @@ from typing import Any, Iterable, Literal, Mapping
 
 from pruning.atomic import read_json, write_text
 from pruning.errors import UserError
-from pruning.topology import NLLB_MOE_54B, SIDES, Side, Topology
+from pruning.data.directions import SIDES, Direction, Side, split_direction
+from pruning.topology import NLLB_MOE_54B, Topology
 
 IndexKind = Literal["all", "pair", "lang"]
 ALL_KEY = "*"
@@ -83,9 +84,7 @@ class ExpertIndex:
         kind: IndexKind = "pair" if pairs else "lang"
         if kind == "pair":
             for key in pairs:
-                parts = key.split("-")
-                if len(parts) != 2 or not all(parts):
-                    raise ExpertIndexError(f"{what}: key {key!r} is not a direction 'src-tgt'")
+                Direction.parse(key, what=f"{what}: key")
         entries = {key: _id_list(value, what=what, key=key) for key, value in data.items()}
         return cls.from_entries(kind, entries)
 
@@ -237,12 +236,7 @@ def _known(what: str, keys: list[str], limit: int = 20) -> str:
 
 
 def _split(direction: str | tuple[str, str]) -> tuple[str, str]:
-    if isinstance(direction, tuple):
-        return direction
-    parts = direction.split("-")
-    if len(parts) != 2 or not all(parts):
-        raise ExpertIndexError(f"a direction must look like 'src-tgt' (e.g. 'fra_Latn-eng_Latn'), got {direction!r}")
-    return parts[0], parts[1]
+    return direction if isinstance(direction, tuple) else split_direction(direction)
 
 
 def _id_list(value: Any, *, what: str, key: str | None) -> tuple[int, ...]:

@@ -50,14 +50,14 @@ import torch
 
 from pruning.atomic import write_text
 from pruning.errors import UserError
-from pruning.topology import Side, Topology
+from pruning.data.directions import ANY_DIRECTION, Side, direction_key, split_direction
+from pruning.topology import Topology
 
 MANIFEST_NAME = "pruning_manifest.json"
 FORMAT = "nllb-prune/export"
 FORMAT_VERSION = 3
 """Highest version read; an export without a pruned-expert policy (``drop``) is still written as 1, one with
 a policy as 2, a quantized one as 3 (so that a toolkit that cannot dequantize refuses it by its version)."""
-ANY_DIRECTION = "*"
 DROP = "drop"
 
 LayerExperts = dict[tuple[Side, int], list[int]]
@@ -77,10 +77,6 @@ def parse_layer_name(name: str) -> tuple[Side, int]:
     if match is None:
         raise ManifestError(f"manifest layer key {name!r} is not of the form 'encoder.N' or 'decoder.N'")
     return match.group(1), int(match.group(2))  # type: ignore[return-value]
-
-
-def direction_key(src: str, tgt: str) -> str:
-    return f"{src}-{tgt}"
 
 
 def natural_key(name: str) -> tuple[Any, ...]:
@@ -137,7 +133,7 @@ def build_manifest(
     policy: Optional[Mapping[str, Any]] = None,
     quantization: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
-    langs = sorted({lang for key in directions if key != ANY_DIRECTION for lang in key.split("-")})
+    langs = sorted({lang for key in directions if key != ANY_DIRECTION for lang in split_direction(key)})
     policy = dict(policy or {"name": DROP})
     version = 3 if quantization else 1 if policy["name"] == DROP else 2
     return {
@@ -270,8 +266,6 @@ def manifest_topology(manifest: Mapping[str, Any]) -> Topology:
     return Topology.from_dict(dict(manifest["topology"]))
 
 
-def served_directions(manifest: Mapping[str, Any]) -> list[str]:
-    return sorted(manifest.get("directions", {}))
 
 
 def direction_experts(manifest: Mapping[str, Any], src: str, tgt: str) -> LayerExperts:

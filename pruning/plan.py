@@ -49,7 +49,7 @@ ROUTER_BYTES = 40
 """fp32/int64 router tensors per token per expert: logits, probabilities, the one-hot positions [T, 2, E] int64."""
 SCORE_COPIES = 4
 """fp32 ``[hypotheses, vocab]`` tensors alive in a generation step: logits, log-probs, beam scores, a processor's copy."""
-RUNTIME = {"cpu": int(0.30 * GIB), "cuda": int(1.0 * GIB)}
+RUNTIME = {"cpu": int(0.25 * GIB), "cuda": int(1.0 * GIB)}
 """The process without any model: python + torch + transformers (CPU); CUDA context and allocator reserve (GPU)."""
 
 
@@ -229,9 +229,13 @@ def plan_model(name: str, topology: Topology, hardware: Hardware, workload: Work
     one = generation_bytes(topology, Workload(**{**asdict(workload), "batch": 1}))
     largest = max(0, (hardware.memory - fixed) // one) if one else 0
     if not part.fits:
-        weights_only = fixed
-        if weights_only > hardware.memory:
-            part.notes.append("the weights alone do not fit: prune more experts (select --ratio / --budget-gb), or --dtype bf16/fp16 if fp32")
+        if fixed + one > hardware.memory:
+            room = hardware.memory - part.bytes["runtime"] - one  # bytes the weights may take with one sentence
+            fix = "--dtype bf16 (or fp16)" if workload.dtype == "fp32" else (
+                f"prune more experts: `select --budget-gb {room / 1e9:.1f}` keeps the most that fit (weights {sum(weights.values()) / 1e9:.1f} GB, "
+                f"room {max(room, 0) / 1e9:.1f} GB; --budget-gb counts 10^9 bytes)"
+            )
+            part.notes.append(f"the weights do not fit even for one sentence: {fix}")
         else:
             part.notes.append(f"fits with --batch {largest} (or a smaller --beam / --max-length)")
     stored = sum(v for k, v in weights.items() if k != "dequantization transient")

@@ -19,8 +19,9 @@ import numpy as np
 from pruning.atomic import atomic_path
 from pruning.errors import UserError
 from pruning.index import ExpertIndex, layer_counts
-from pruning.stats.counters import RoutingStats, split_direction
-from pruning.topology import SHORT_SIDE, Side, Topology
+from pruning.data.directions import SHORT_SIDE, Side, long_side, split_direction
+from pruning.stats.counters import RoutingStats
+from pruning.topology import Topology
 
 ANY_LANGUAGE = "X"
 
@@ -190,7 +191,6 @@ def _save(fig: object, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
 
 
 # ---- metric agreement and stability (nllb-prune compare-metrics, stability) ---------------------------
-_SIDE_TITLES = {"enc": "encoder", "dec": "decoder"}
 
 def plot_metric_agreement(
     names: Sequence[str], matrices: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike[str], *, title: str
@@ -214,7 +214,7 @@ def plot_metric_agreement(
             image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=low, vmax=1.0, interpolation="nearest")
             ax.set_xticks(range(m), names, rotation=60, ha="right", fontsize=8)
             ax.set_yticks(range(m), names, fontsize=8)
-            ax.set_title(f"{_SIDE_TITLES.get(side, side)}: {label}", fontsize=9)
+            ax.set_title(f"{long_side(side)}: {label}", fontsize=9)
             if m <= 12:
                 for i in range(m):
                     for j in range(m):
@@ -254,7 +254,7 @@ def plot_stability(
         ax.set_xlabel("calibration sentences (chunks x chunk size)")
         ax.set_ylabel("Jaccard with the kept set of all chunks")
         shown = f" (first {max_lines} of {len(lines)})" if len(lines) > max_lines else ""
-        ax.set_title(f"{_SIDE_TITLES.get(side, side)}{shown}", fontsize=9)
+        ax.set_title(f"{long_side(side)}{shown}", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)

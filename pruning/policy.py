@@ -42,14 +42,14 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 
 from pruning.errors import UserError
-from pruning.manifest import ANY_DIRECTION, DROP, LayerExperts, constant_outputs_key, layer_name
+from pruning.manifest import DROP, LayerExperts, constant_outputs_key, layer_name
 from pruning.model.moe import ExtraRows
-from pruning.topology import Side, Topology
+from pruning.data.directions import ANY_DIRECTION, SHORT_SIDE, Side, split_direction
+from pruning.topology import Topology
 
 SKIP = "skip"
 POLICIES = (DROP, SKIP, "substitute", "merge")
 NEEDS_STATISTICS = frozenset({"substitute", "merge"})
-STAT_SIDE = {"encoder": "enc", "decoder": "dec"}
 
 RouterRows = Callable[[Side, int], torch.Tensor]
 """``(side, layer)`` -> the unpruned router [E, D] (row e = expert e), loaded when first needed."""
@@ -132,14 +132,14 @@ def served_counters(
     ``directions``: the export's direction keys (``"src-tgt"``, or ``"*"`` for any direction). Only the
     counters that every summed direction has are summed.
     """
-    pairs = [tuple(d.split("-")) for d in directions if d != ANY_DIRECTION]
+    pairs = [split_direction(d) for d in directions if d != ANY_DIRECTION]
     every = ANY_DIRECTION in directions
     wanted = {"enc": {s for s, _ in pairs}, "dec": {t for _, t in pairs}}
     sums: dict[str, dict[str, torch.Tensor]] = {}
     used: dict[str, list[str]] = {}
     for side, langs in wanted.items():
         position = 0 if side == "enc" else 1
-        chosen = [d for d in stats.directions if side in stats.counters[d] and (every or d.split("-")[position] in langs)]
+        chosen = [d for d in stats.directions if side in stats.counters[d] and (every or split_direction(d)[position] in langs)]
         if not chosen:
             role = "source" if side == "enc" else "target"
             known = ", ".join(stats.directions[:20]) + (" ..." if len(stats.directions) > 20 else "")
@@ -186,7 +186,7 @@ def plan_policy(
     frequency_source = "routed" if all("routed" in counters[s] for s in counters) else "top1+top2"
     layers: dict[tuple[Side, int], LayerPolicy] = {}
     for _, side, layer in topology.iter_moe_layers():
-        short = STAT_SIDE[side]
+        short = SHORT_SIDE[side]
         row = topology.moe_layers(side).index(layer)
         c = {key: value[row] for key, value in counters[short].items()}  # [E] / [E, D] / [E, E]
         kept = sorted(union[(side, layer)])

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -57,11 +57,10 @@ from metrics import AGGREGATIONS, aggregate_metric, compute_metric, get_metric, 
 from metrics.router import data_free_hint, needs_router_rows
 from pruning.errors import UserError
 from pruning.index import DEFAULT_MIN_PER_LAYER, ExpertIndex, IndexKind, layer_counts
-from pruning.stats.counters import RoutingStats, split_direction
-from pruning.topology import SHORT_SIDE, SIDES, Side, Topology, bytes_for, gib
+from pruning.data.directions import SHORT_SIDE, SIDES, Side, split_direction
+from pruning.stats.counters import RoutingStats
+from pruning.topology import Topology, bytes_for, gib
 
-Strategy = Literal["per-layer", "global", "budget"]
-Granularity = Literal["global", "pair", "lang"]
 STRATEGIES: tuple[str, ...] = ("per-layer", "global", "budget")
 GRANULARITIES: tuple[str, ...] = ("global", "pair", "lang")
 DEFAULT_RATIO = 0.8

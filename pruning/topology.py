@@ -12,15 +12,11 @@ Global expert id (the paper's convention, section 5 of the reference page):
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
+from pruning.data.directions import SIDES, Side
 from pruning.errors import UserError
-
-Side = Literal["encoder", "decoder"]
-SIDES: tuple[Side, Side] = ("encoder", "decoder")
-SHORT_SIDE = {"encoder": "enc", "decoder": "dec"}
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
@@ -181,6 +177,26 @@ class Topology:
             decoder_attention_heads=int(get("decoder_attention_heads", 16)),
         )
 
+    def to_hf_config(self, **overrides: Any) -> Any:
+        """The ``transformers`` ``NllbMoeConfig`` of this shape, with NLLB-200's inference settings unless overridden.
+
+        No dropout, eval capacity fraction 1.0, expert output masking 0.2, 1,024 positions, scaled
+        embeddings, NLLB's special token ids. The inverse of :meth:`from_config`.
+        """
+        from transformers import NllbMoeConfig
+
+        settings: dict[str, Any] = dict(
+            vocab_size=self.vocab_size, d_model=self.d_model,
+            encoder_layers=self.encoder_layers, decoder_layers=self.decoder_layers,
+            encoder_ffn_dim=self.ffn_dim, decoder_ffn_dim=self.ffn_dim,
+            encoder_attention_heads=self.encoder_attention_heads, decoder_attention_heads=self.decoder_attention_heads,
+            num_experts=self.num_experts, encoder_sparse_step=self.encoder_sparse_step, decoder_sparse_step=self.decoder_sparse_step,
+            max_position_embeddings=1024, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+            encoder_layerdrop=0.0, decoder_layerdrop=0.0, moe_token_dropout=0.2, moe_eval_capacity_token_fraction=1.0,
+            scale_embedding=True, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+        )
+        return NllbMoeConfig(**{**settings, **overrides})
+
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
@@ -236,6 +252,3 @@ def bytes_for(params: int, dtype: str) -> int:
 def gib(nbytes: int) -> float:
     return nbytes / 2**30
 
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

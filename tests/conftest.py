@@ -12,6 +12,16 @@ from tests import fixtures
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001 - pytest hook
+    """Tests marked ``gpu`` need CUDA: skipped where there is none (CPU CI), run on a lent GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tokenizer")

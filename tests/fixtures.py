@@ -22,6 +22,7 @@ import torch
 
 from pruning.model.build import NllbMoeForPruning, build_empty_model, init_random_weights
 from pruning.model.saving import canonical_tensors
+from pruning.topology import Topology
 
 TINY_WIDTHS = dict(d_model=16, ffn_dim=32, heads=2, max_positions=64)
 WORDS = (
@@ -70,27 +71,12 @@ def make_tokenizer(directory: Path):  # noqa: ANN201
 
 
 def tiny_config(vocab_size: int, *, num_experts: int = 128, encoder_layers: int = 24, decoder_layers: int = 24, sparse_step: int = 4):
-    from transformers import NllbMoeConfig
-
-    return NllbMoeConfig(
-        vocab_size=vocab_size,
-        d_model=TINY_WIDTHS["d_model"],
-        encoder_layers=encoder_layers,
-        decoder_layers=decoder_layers,
-        encoder_ffn_dim=TINY_WIDTHS["ffn_dim"],
-        decoder_ffn_dim=TINY_WIDTHS["ffn_dim"],
-        encoder_attention_heads=TINY_WIDTHS["heads"],
-        decoder_attention_heads=TINY_WIDTHS["heads"],
-        max_position_embeddings=TINY_WIDTHS["max_positions"],
-        num_experts=num_experts,
-        encoder_sparse_step=sparse_step,
-        decoder_sparse_step=sparse_step,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        encoder_layerdrop=0.0, decoder_layerdrop=0.0,
-        moe_token_dropout=0.2,
-        moe_eval_capacity_token_fraction=1.0,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+    topology = Topology(
+        encoder_layers=encoder_layers, decoder_layers=decoder_layers, encoder_sparse_step=sparse_step, decoder_sparse_step=sparse_step,
+        num_experts=num_experts, d_model=TINY_WIDTHS["d_model"], ffn_dim=TINY_WIDTHS["ffn_dim"], vocab_size=vocab_size,
+        encoder_attention_heads=TINY_WIDTHS["heads"], decoder_attention_heads=TINY_WIDTHS["heads"],
     )
+    return topology.to_hf_config(max_position_embeddings=TINY_WIDTHS["max_positions"])
 
 
 def make_model(vocab_size: int, *, seed: int = 0, **config_kwargs) -> NllbMoeForPruning:

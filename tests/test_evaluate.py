@@ -15,6 +15,7 @@ import sacrebleu
 from sacrebleu.tokenizers import tokenizer_spm
 
 from pruning.cli import main
+from pruning.data.directions import DirectionError
 from pruning.evaluate import (
     EvaluateError,
     SpmModelMissing,
@@ -192,7 +193,7 @@ def test_compare_deltas_and_mean(tmp_path):
 def test_bad_score_files(tmp_path, content, message):
     path = tmp_path / "bad.tsv"
     path.write_text(content)
-    with pytest.raises(EvaluateError, match=message):
+    with pytest.raises((EvaluateError, DirectionError), match=message):
         read_scores(path)
 
 
@@ -258,3 +259,17 @@ def test_language_missing_from_flores(tmp_path, export_dir, flores, capsys):
 def test_bad_flags(tmp_path, flores, export_dir, capsys, extra, message):
     assert main(["evaluate", "--model", str(export_dir), "--data", str(flores), "--out", str(tmp_path / "s.tsv"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_zero_experts_flag_scores_the_floor_and_signs_it(tmp_path, export_dir, flores, capsys):
+    common = ["evaluate", "--model", str(export_dir), "--data", str(flores), "--pairs", f"{ENG}-{FRA}", "--beam", "1", "--max-length", "6",
+              "--spm", "none", "--device", "cpu"]
+    from pruning.cli import main
+
+    assert main([*common, "--out", str(tmp_path / "full.tsv")]) == 0
+    assert main([*common, "--zero-experts", "--out", str(tmp_path / "floor.tsv")]) == 0
+    full = json.loads((tmp_path / "full.summary.json").read_text())
+    floor = json.loads((tmp_path / "floor.summary.json").read_text())
+    assert floor["settings"]["no_experts"] and "|experts:none|" in floor["signature"]
+    assert not full["settings"]["no_experts"] and "experts:none" not in full["signature"]
+    assert read_lines(tmp_path / "floor.hyp" / f"{ENG}-{FRA}.txt") != read_lines(tmp_path / "full.hyp" / f"{ENG}-{FRA}.txt")

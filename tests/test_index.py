@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pruning.errors import UserError
+from pruning.data.directions import DirectionError
 from pruning.index import (
     ExpertIndex,
     ExpertIndexError,
@@ -114,7 +115,7 @@ def test_write_then_read_gives_the_same_index(tmp_path: Path, index: ExpertIndex
 def test_malformed_index_is_a_clear_error(tmp_path: Path, data: object, message: str) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ExpertIndexError, match=message):
+    with pytest.raises((ExpertIndexError, DirectionError), match=message):
         validate_index(read_index(path), TINY, what=str(path))
 
 

@@ -142,8 +142,15 @@ def test_router_stays_fp32_in_bf16_and_routes_like_fp32():
         layer_bf16 = layer.to(torch.bfloat16)
         assert layer_bf16.router.weight.dtype == torch.float32
         assert layer_bf16.experts.fc1_weight.dtype == torch.bfloat16
-        _, routing16 = layer_bf16(hidden.to(torch.bfloat16).float().to(torch.bfloat16), None)
+        _, routing16 = layer_bf16(hidden.to(torch.bfloat16), None)
     assert routing16.probs.dtype == torch.float32
+    # the same bf16-rounded input through the fp32 router gives the same decisions and probabilities
+    reference_layer = make_layer(16, seed=2)
+    with torch.no_grad():
+        _, routing_rounded = reference_layer(hidden.to(torch.bfloat16).float(), None)
+    assert torch.equal(routing16.expert_idx, routing_rounded.expert_idx)
+    torch.testing.assert_close(routing16.probs, routing_rounded.probs, rtol=0, atol=0)
+    assert (routing16.expert_idx == routing32.expert_idx).float().mean() > 0.9, "bf16 rounding of the input flips few choices"
 
 
 def test_matches_stock_transformers_457_layer():
@@ -231,9 +238,7 @@ GROUPED_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(GROUPED_CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_dispatch_equals_reference_layer(name, dtype):
+def _grouped_equals_loop(name: str, dtype: torch.dtype, device: torch.device) -> None:
     case = GROUPED_CASES[name]
     width, ffn = 16, 32  # rows must be multiples of 16 bytes for torch._grouped_mm
     layer = MoeLayer(d_model=width, ffn_dim=ffn, expert_ids=case.get("ids", list(range(case["experts"]))),
@@ -242,9 +247,9 @@ def test_grouped_dispatch_equals_reference_layer(name, dtype):
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    layer = layer.to(dtype)
-    hidden = torch.randn(case["batch"], case["seq"], width, generator=g).to(dtype)
-    mask = torch.ones(case["batch"], case["seq"], dtype=torch.long)
+    layer = layer.to(device=device, dtype=dtype)
+    hidden = torch.randn(case["batch"], case["seq"], width, generator=g).to(device=device, dtype=dtype)
+    mask = torch.ones(case["batch"], case["seq"], dtype=torch.long, device=device)
     if case["pad"]:
         mask[-1, -case["pad"]:] = 0
     with torch.no_grad():
@@ -258,6 +263,23 @@ def test_grouped_dispatch_equals_reference_layer(name, dtype):
         error = (got.double() - expected.double()).norm() / expected.double().norm()
         assert error < 1e-2, f"relative error {error:.2e}"
     assert torch.all(got.reshape(-1, width)[~mask.reshape(-1).bool()] == 0)
+
+
+@pytest.mark.parametrize("name", sorted(GROUPED_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_dispatch_equals_reference_layer(name, dtype):
+    _grouped_equals_loop(name, dtype, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(GROUPED_CASES))
+def test_cuda_grouped_gemm_equals_the_loop(name):
+    """The CUDA grouped GEMM (bf16; sm_90+ for torch._grouped_mm), the path `--dispatch auto` takes on a Hopper GPU."""
+    device = torch.device("cuda")
+    ok, why = moe_module.grouped_mm_supported(device=device, dtype=torch.bfloat16, d_model=16, ffn_dim=32)
+    if not ok:
+        pytest.skip(why)
+    _grouped_equals_loop(name, torch.bfloat16, device)
 
 
 def test_auto_dispatch_falls_back_where_grouped_gemm_is_unavailable(monkeypatch):
@@ -285,3 +307,24 @@ def test_model_level_dispatch_choice_gives_same_logits(tiny_hf_dir, tiny_batch):
     loop = load_model(tiny_hf_dir, dispatch="loop")
     with torch.no_grad():
         torch.testing.assert_close(grouped(**tiny_batch).logits, loop(**tiny_batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_no_expert_floor_equals_zeroed_fc2(tiny_model, tiny_batch):
+    """``set_no_experts``: the same logits as the model with every expert's fc2 weight and bias set to 0."""
+    import copy
+
+    zeroed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for _, _, moe in zeroed.moe_layers():
+            moe.experts.fc2_weight.zero_()
+            moe.experts.fc2_bias.zero_()
+        full = tiny_model(**tiny_batch).logits
+        expected = zeroed(**tiny_batch).logits
+        tiny_model.set_no_experts(True)
+        try:
+            floor = tiny_model(**tiny_batch).logits
+            assert tiny_model.no_experts
+        finally:
+            tiny_model.set_no_experts(False)
+        assert torch.equal(floor, expected) and not torch.allclose(floor, full)
+        assert torch.equal(tiny_model(**tiny_batch).logits, full) and not tiny_model.no_experts

@@ -12,6 +12,7 @@ import torch
 from metrics import compute_metric, metric_names
 from metrics.outputs import needs_expert_outputs
 from metrics.router import needs_router_rows
+from pruning.data.directions import DirectionError
 from pruning.select import SelectOptions, select_experts
 from pruning.stats.counters import RoutingStats, StatsError
 from pruning.stats.paper_json import (
@@ -130,14 +131,14 @@ def _with(**changes: object) -> dict[str, object]:
         (_with(top1=[0.0] * E + [1 / E] * (N - E)), r"top1 is zero for every expert of MoE layer\(s\) \[0\]"),
         (_with(rank=[E + 50.0] * N), f"rank has values above {E}"),
         ({"fra_Latn-eng_Latn": {"top1": [0.0] * N}}, r"lacks \['top2', 'conf1', 'conf2', 'mean', 'rank'\]"),
-        ({"fra_Latn_eng_Latn": _valid_entry()}, "a direction must look like 'src-tgt'"),
+        ({"fra_Latn_eng_Latn": _valid_entry()}, "key: 'fra_Latn_eng_Latn' is not a direction 'src-tgt'"),
         ([1, 2, 3], "expected a non-empty object"),
     ],
 )
 def test_bad_paper_json_is_a_clear_error(tmp_path: Path, data: object, message: str) -> None:
     path = tmp_path / "stats-bad.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(StatsError, match=message):
+    with pytest.raises((StatsError, DirectionError), match=message):
         read_paper_json(path)
 
 

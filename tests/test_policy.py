@@ -11,8 +11,9 @@ import torch
 
 from pruning import load_model
 from pruning.checkpoint.reader import open_checkpoint
+from pruning.checkpoint.torch_zip import CheckpointError
 from pruning.cli import main
-from pruning.export import export_checkpoint, parse_directions
+from pruning.export import ExportError, export_checkpoint, parse_directions
 from pruning.index import read_index
 from pruning.manifest import MANIFEST_NAME, read_manifest
 from pruning.model.moe import MoeLayer
@@ -383,9 +384,9 @@ def test_policy_errors(tmp_path, tiny_hf_dir, index_path, routing_only_stats, st
     other = synthetic_stats(open_checkpoint(tiny_hf_dir).topology, 16, directions=[f"{ENG}-{FRA}"]).save(tmp_path / "eng-fra.safetensors")
     with pytest.raises(PolicyError, match=r"no encoder statistics for the exported source language\(s\) fra_Latn: it has directions eng_Latn-fra_Latn"):
         export_checkpoint(tiny_hf_dir, out=tmp_path / "e", policy="substitute", stats=other, **common)
-    with pytest.raises(Exception, match=r"itself a pruned export"):
+    with pytest.raises(ExportError, match=r"itself a pruned export"):
         export_checkpoint(exports["drop"], out=tmp_path / "f", policy="merge", stats=stats_path, **common)
-    with pytest.raises(Exception, match=r"loads with all the experts it holds"):
+    with pytest.raises(CheckpointError, match=r"loads with all the experts it holds"):
         load_model(exports["substitute"], experts={k: v[:1] for k, v in load_model(exports["drop"]).expert_selection().items()})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "eng-fra.safetensors"], "failed exports leave nothing behind"
 

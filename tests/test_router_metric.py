@@ -14,7 +14,7 @@ from pruning.checkpoint.torch_zip import LazyTensor
 from pruning.cli import main
 from pruning.index import read_index
 from pruning.select import SelectionError, SelectOptions, select_experts
-from pruning.topology import SHORT_SIDE
+from pruning.data.directions import SHORT_SIDE
 from tests.selection_fixtures import simulated_stats
 
 DIRECTIONS = ["fra_Latn-eng_Latn", "eng_Latn-fra_Latn"]

@@ -48,16 +48,11 @@ def tiny_setup(*, sentences: int, seed: int) -> tuple[Any, list[tuple[list[int],
 def full_width_setup(
     *, layers: int, sentences: int, seed: int, dtype: torch.dtype, device: torch.device, d_model: int = 2048, ffn: int = 8192
 ) -> tuple[Any, list]:
-    from transformers import NllbMoeConfig
-
     from pruning.model.build import build_empty_model, init_random_weights
+    from pruning.topology import Topology
 
-    config = NllbMoeConfig(
-        vocab_size=8000, d_model=d_model, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, encoder_layers=layers, decoder_layers=layers,
-        encoder_attention_heads=16, decoder_attention_heads=16, num_experts=128, encoder_sparse_step=4, decoder_sparse_step=4,
-        max_position_embeddings=1024, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0,
-        decoder_layerdrop=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-    )
+    topology = Topology(encoder_layers=layers, decoder_layers=layers, d_model=d_model, ffn_dim=ffn, vocab_size=8000)
+    config = topology.to_hf_config()
     model = build_empty_model(config, dtype=dtype, device=device)
     init_random_weights(model, seed=seed, std=0.02, router_std=0.05)
     generator = torch.Generator().manual_seed(seed)

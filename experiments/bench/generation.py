@@ -16,7 +16,6 @@ import argparse
 import time
 
 import torch
-from torch import nn
 
 from experiments.bench.common import markdown_table, signature, synchronize, write_results
 from experiments.bench.moe_layer import reference_layer
@@ -26,16 +25,10 @@ from pruning.topology import Topology
 
 
 def pruned_config(*, full_width: bool, vocab: int | None):  # noqa: ANN201
-    from transformers import NllbMoeConfig
-
-    d, f = (2048, 8192) if full_width else (256, 1024)
-    return NllbMoeConfig(
-        vocab_size=vocab or (256206 if full_width else 8000), d_model=d, encoder_ffn_dim=f, decoder_ffn_dim=f,
-        encoder_layers=24, decoder_layers=24, encoder_attention_heads=16 if full_width else 4,
-        decoder_attention_heads=16 if full_width else 4, num_experts=128, encoder_sparse_step=4, decoder_sparse_step=4,
-        max_position_embeddings=1024, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        encoder_layerdrop=0.0, decoder_layerdrop=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-    )
+    d, f, heads = (2048, 8192, 16) if full_width else (256, 1024, 4)
+    topology = Topology(d_model=d, ffn_dim=f, encoder_attention_heads=heads, decoder_attention_heads=heads,
+                        vocab_size=vocab or (256206 if full_width else 8000))
+    return topology.to_hf_config()
 
 
 def swap_to_reference(model) -> dict:  # noqa: ANN001
@@ -93,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     experts = {(side, layer): list(range(args.enc_experts if side == "encoder" else args.dec_experts))
                for _, side, layer in topology.iter_moe_layers()}
     model = build_empty_model(config, experts=experts, dtype=dtype, device=device)
-    init_random_weights(model, seed=0, std=0.02, router_std=1.0) if device.type == "cpu" else _init_on_device(model)
+    init_random_weights(model, seed=0, std=0.02, router_std=1.0)
     params = sum(p.numel() for p in model.parameters())
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(4, config.vocab_size - 300, (args.batch, args.src_len), generator=generator)
@@ -130,20 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0
-
-
-def _init_on_device(model) -> None:  # noqa: ANN001
-    """Random weights generated on the device (a 12.6B model would take minutes on the host)."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("layer_norm.weight"):
-                param.fill_(1.0)
-            elif name.endswith("router.weight"):
-                param.normal_(0, 1.0)
-            else:
-                param.normal_(0, 0.02)
-    if isinstance(model.lm_head, nn.Linear):
-        model.tie_weights()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import zlib
 from collections import Counter
@@ -50,7 +49,6 @@ from pruning.checkpoint.convert import stream_entries, write_config
 from pruning.checkpoint.layouts import fairseq_cfg, write_fairseq, write_hf_bin
 from pruning.checkpoint.reader import CheckpointReader, Entry, expected_names, expected_shape
 from pruning.checkpoint.writer import atomic_directory
-from pruning.model.build import hf_config
 from pruning.model.loading import load_tokenizer, parse_dtype
 from pruning.topology import NLLB_MOE_54B, Topology
 
@@ -199,7 +197,7 @@ def _router(signal: LanguageSignal, side: str, strength: float, common: torch.Te
 def synthetic_reader(cfg: RehearsalConfig, tokenizer: Any) -> CheckpointReader:
     """Every tensor of the rehearsal model as a lazily generated entry, in model order."""
     topology = cfg.topology()
-    config = hf_config(topology)
+    config = topology.to_hf_config()
     dtype = parse_dtype(cfg.dtype)
     signal = language_signal(cfg, tokenizer)
     small = _normal(0.1 * cfg.d_model**-0.5)

@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from pruning.data.directions import split_direction
 from pruning.index import ExpertIndex, direction_ids
 from pruning.select import SelectOptions, select_experts
 from pruning.stats.counters import RoutingStats
@@ -28,7 +29,7 @@ def sample_directions(languages: list[str], spec: Any, *, seed: int) -> list[tup
         every = [(s, t) for s in languages for t in languages if s != t]
         rng = random.Random(seed)
         return sorted(rng.sample(every, min(spec, len(every))))
-    return [tuple(d.split("-")) for d in spec]  # type: ignore[misc]
+    return [split_direction(d, what="directions") for d in spec]
 
 
 def random_index(selected: ExpertIndex, topology: Topology, *, seed: int) -> dict[str, list[int]]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from pruning.stats.counters import RoutingStats, split_direction
+from pruning.data.directions import split_direction
+from pruning.stats.counters import RoutingStats
 
 
 def per_language_top1(stats: RoutingStats) -> dict[str, dict[str, torch.Tensor]]:

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning.model.build import NllbMoeForPruning, build_empty_model
+from pruning.model.build import NllbMoeForPruning, build_empty_model, init_random_weights
 from pruning.model.moe import MoeLayer, Routing
+from pruning.topology import Topology
 
 
 @dataclass
@@ -117,43 +118,17 @@ def collate(sources: list[list[int]], targets: list[list[int]], *, pad: int, eos
 
 # ---- model ----------------------------------------------------------------------------------------
 def make_model(cfg: TrainConfig, vocab_size: int, *, device: torch.device) -> NllbMoeForPruning:
-    from transformers import NllbMoeConfig
-
-    config = NllbMoeConfig(
-        vocab_size=vocab_size, d_model=cfg.d_model, encoder_layers=cfg.layers, decoder_layers=cfg.layers,
-        encoder_ffn_dim=cfg.ffn, decoder_ffn_dim=cfg.ffn, encoder_attention_heads=cfg.heads, decoder_attention_heads=cfg.heads,
-        num_experts=cfg.experts, encoder_sparse_step=cfg.sparse_step, decoder_sparse_step=cfg.sparse_step,
-        max_position_embeddings=256, dropout=cfg.dropout, attention_dropout=0.0, activation_dropout=0.0,
-        encoder_layerdrop=0.0, decoder_layerdrop=0.0, moe_token_dropout=cfg.eom, moe_eval_capacity_token_fraction=1.0,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, scale_embedding=True,
+    topology = Topology(
+        encoder_layers=cfg.layers, decoder_layers=cfg.layers, encoder_sparse_step=cfg.sparse_step, decoder_sparse_step=cfg.sparse_step,
+        num_experts=cfg.experts, d_model=cfg.d_model, ffn_dim=cfg.ffn, vocab_size=vocab_size,
+        encoder_attention_heads=cfg.heads, decoder_attention_heads=cfg.heads,
     )
+    config = topology.to_hf_config(max_position_embeddings=256, dropout=cfg.dropout, moe_token_dropout=cfg.eom)
     model = build_empty_model(config, dtype=torch.float32, device=device)
-    fairseq_init(model, seed=cfg.seed)
+    init_random_weights(model, seed=cfg.seed, scheme="fairseq")
     for param in model.parameters():
         param.requires_grad_(True)
     return model
-
-
-def fairseq_init(model: NllbMoeForPruning, *, seed: int) -> None:
-    """Embeddings N(0, d^-1/2) (pad row 0), Xavier-uniform matrices, zero biases, unit norms."""
-    generator = torch.Generator().manual_seed(seed)
-    d = model.config.d_model
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("shared.weight"):
-                value = torch.randn(param.shape, generator=generator) * d**-0.5
-                value[model.config.pad_token_id] = 0
-            elif "layer_norm" in name:
-                value = torch.ones(param.shape) if name.endswith("weight") else torch.zeros(param.shape)
-            elif name.endswith("bias") or name.endswith("_bias"):
-                value = torch.zeros(param.shape)
-            elif name.endswith("router.weight"):
-                value = torch.randn(param.shape, generator=generator) * d**-0.5
-            else:  # [.., out, in] matrices, stacked experts included
-                fan_out, fan_in = param.shape[-2], param.shape[-1]
-                bound = math.sqrt(6.0 / (fan_in + fan_out))
-                value = (torch.rand(param.shape, generator=generator) * 2 - 1) * bound
-            param.copy_(value.to(param.dtype))
 
 
 class RoutingTap:
@@ -191,22 +166,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
-class experts_silenced:
-    """Context: every MoE layer adds nothing (eval output x (1 - eom) with eom = 1): the no-expert floor."""
-
-    def __init__(self, model: NllbMoeForPruning):
-        self.layers = [moe for _, _, moe in model.moe_layers()]
-
-    def __enter__(self) -> None:
-        self.saved = [moe.eom for moe in self.layers]
-        for moe in self.layers:
-            moe.eom = 1.0
-
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
-        for moe, eom in zip(self.layers, self.saved):
-            moe.eom = eom
-
-
 def quick_chrf(model: NllbMoeForPruning, tokenizer, cfg: TrainConfig, directions: list[tuple[str, str]]) -> dict[str, float]:  # noqa: ANN001
     import sacrebleu
 
@@ -290,8 +249,9 @@ def train(cfg: TrainConfig) -> Path:
             log.flush()
         if cfg.eval_every and step % cfg.eval_every == 0:
             scores = quick_chrf(model, tokenizer, cfg, eval_dirs)
-            with experts_silenced(model):
-                floor = quick_chrf(model, tokenizer, cfg, eval_dirs)
+            model.set_no_experts(True)
+            floor = quick_chrf(model, tokenizer, cfg, eval_dirs)
+            model.set_no_experts(False)
             record = {"step": step, "minutes": round((time.time() - started) / 60, 2), "chrf++": scores,
                       "mean_chrf++": round(sum(scores.values()) / len(scores), 2),
                       "floor_chrf++": round(sum(floor.values()) / len(floor), 2)}

@@ -62,23 +62,43 @@ HF_TABLE: list[tuple[str, Optional[str]]] = [
     (r"(?:model\.)?(.+)", r"\1"),
 ]
 
-# Every canonical name a model has (used to reject unknown tensors in either layout).
-CANONICAL_PATTERNS: list[str] = [
-    re.escape(SHARED),
-    rf"{_SIDE}\.layer_norm\.{_WB}",
-    rf"{_SIDE}\.layers\.{_N}\.self_attn\.(k|v|q|out)_proj\.{_WB}",
-    rf"{_SIDE}\.layers\.{_N}\.self_attn_layer_norm\.{_WB}",
-    rf"decoder\.layers\.{_N}\.cross_attention\.(k|v|q|out)_proj\.{_WB}",
-    rf"decoder\.layers\.{_N}\.cross_attention_layer_norm\.{_WB}",
-    rf"{_SIDE}\.layers\.{_N}\.ffn\.fc(1|2)\.{_WB}",
-    rf"{_SIDE}\.layers\.{_N}\.ff_layer_norm\.{_WB}",
-    rf"{_SIDE}\.layers\.{_N}\.ffn\.router\.classifier\.weight",
-    rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.fc(1|2)\.{_WB}",
-    rf"{_SIDE}\.layers\.{_N}\.ffn\.constant_outputs",  # substitute-policy exports (pruning.manifest)
+# Every canonical name a model has, with its shape in symbols (V vocabulary, D d_model, F the side's ffn,
+# R router rows of the layer, P constant outputs of a substitute layer): unknown tensors are rejected in
+# either layout, and every tensor's shape is checked against the config before any is loaded.
+CANONICAL_SHAPES: list[tuple[str, tuple[str, ...]]] = [
+    (re.escape(SHARED), ("V", "D")),
+    (rf"{_SIDE}\.layer_norm\.{_WB}", ("D",)),
+    (rf"{_SIDE}\.layers\.{_N}\.self_attn\.(k|v|q|out)_proj\.weight", ("D", "D")),
+    (rf"{_SIDE}\.layers\.{_N}\.self_attn\.(k|v|q|out)_proj\.bias", ("D",)),
+    (rf"{_SIDE}\.layers\.{_N}\.self_attn_layer_norm\.{_WB}", ("D",)),
+    (rf"decoder\.layers\.{_N}\.cross_attention\.(k|v|q|out)_proj\.weight", ("D", "D")),
+    (rf"decoder\.layers\.{_N}\.cross_attention\.(k|v|q|out)_proj\.bias", ("D",)),
+    (rf"decoder\.layers\.{_N}\.cross_attention_layer_norm\.{_WB}", ("D",)),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.fc1\.weight", ("F", "D")),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.fc1\.bias", ("F",)),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.fc2\.weight", ("D", "F")),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.fc2\.bias", ("D",)),
+    (rf"{_SIDE}\.layers\.{_N}\.ff_layer_norm\.{_WB}", ("D",)),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.router\.classifier\.weight", ("R", "D")),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.fc1\.weight", ("F", "D")),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.fc1\.bias", ("F",)),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.fc2\.weight", ("D", "F")),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.fc2\.bias", ("D",)),
+    (rf"{_SIDE}\.layers\.{_N}\.ffn\.constant_outputs", ("P", "D")),  # substitute-policy exports (pruning.manifest)
 ]
 QUANT_COMPANION = r"\.weight_(scale|min)"
 """A quantized export's ``X.weight_scale`` / ``X.weight_min`` beside each quantized ``X.weight`` (pruning.quant)."""
 
+_CANONICAL = [(re.compile(pattern), shape) for pattern, shape in CANONICAL_SHAPES]
+
+
+def symbolic_shape(name: str) -> Optional[tuple[str, ...]]:
+    """The shape of canonical tensor ``name`` in symbols (see :data:`CANONICAL_SHAPES`); None for a name no model has."""
+    return next((shape for pattern, shape in _CANONICAL if pattern.fullmatch(name)), None)
+
+
+_LAYER_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.")
+_DENSE_FFN_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.(fc1|fc2)\.{_WB}")
 _EXPERT_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.(fc1|fc2)\.(weight|bias|weight_scale|weight_min)")
 _ROUTER_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.router\.classifier\.weight")
 
@@ -114,7 +134,7 @@ def is_canonical(name: str) -> bool:
     companion = re.fullmatch(rf"(.+){QUANT_COMPANION}", name)
     if companion is not None:
         name = companion.group(1) + ".weight"
-    return any(re.fullmatch(p, name) for p in CANONICAL_PATTERNS)
+    return symbolic_shape(name) is not None
 
 
 def parse_expert_key(name: str) -> Optional[ExpertKey]:
@@ -123,6 +143,18 @@ def parse_expert_key(name: str) -> Optional[ExpertKey]:
         return None
     side, layer, expert, linear, kind = match.groups()
     return ExpertKey(side, int(layer), int(expert), linear, kind)
+
+
+def parse_layer(name: str) -> Optional[tuple[str, int]]:
+    """``(side, layer)`` of a canonical per-layer tensor name (``encoder.layers.3.self_attn...``); None otherwise."""
+    match = _LAYER_RE.match(name)
+    return None if match is None else (match.group(1), int(match.group(2)))
+
+
+def parse_dense_ffn_key(name: str) -> Optional[tuple[str, int, str, str]]:
+    """``(side, layer, fc1|fc2, weight|bias)`` of a dense FFN tensor; None otherwise."""
+    match = _DENSE_FFN_RE.fullmatch(name)
+    return None if match is None else (match.group(1), int(match.group(2)), match.group(3), match.group(4))
 
 
 def parse_router_key(name: str) -> Optional[tuple[str, int]]:

@@ -14,6 +14,7 @@ loads and drops each tensor in turn never holds more than one tensor of the chec
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -21,7 +22,7 @@ import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -29,7 +30,8 @@ from pruning.atomic import read_json
 from pruning.checkpoint import keymap
 from pruning.checkpoint.consistency import check_config_data, check_experts
 from pruning.checkpoint.torch_zip import CheckpointError, LazyTensor, find_in_opaque, map_bytes, read_pickle
-from pruning.topology import Topology
+from pruning.data.directions import SIDES
+from pruning.topology import NLLB_MOE_54B, Topology
 
 HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer.json", "tokenizer_config.json")
@@ -42,13 +44,6 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-class TensorSource(Protocol):
-    shape: tuple[int, ...]
-
-    @property
-    def dtype(self) -> torch.dtype: ...
-
-    def load(self) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -376,59 +371,51 @@ def _fairseq_num_experts(entries: list[Entry], shared_path: Path) -> int:
 
 
 def _fairseq_config(entries: list[Entry], shared_obj: Any, shared_path: Path, num_experts: int) -> Any:
-    from transformers import NllbMoeConfig
-
+    """The HF config of a fairseq checkpoint: shapes from its tensors, settings from its pickled ``cfg``."""
     by_name = {e.name: e.tensor for e in entries}
     vocab, d_model = by_name[keymap.SHARED].shape
-    layers = {side: _layer_count(by_name, side) for side in ("encoder", "decoder")}
-    moe = {side: sorted(l for s, l in filter(None, map(keymap.parse_router_key, by_name)) if s == side) for side in layers}
-    steps = {side: _sparse_step(moe[side], layers[side], side, shared_path) for side in layers}
-    dense_fc1 = next((t for n, t in by_name.items() if n.endswith("ffn.fc1.weight")), None)
-    expert_fc1 = next(t for n, t in by_name.items() if n.endswith(".fc1.weight") and "experts" in n)
-    ffn_dim = (dense_fc1 if dense_fc1 is not None else expert_fc1).shape[0]
+    layers = {side: 1 + max((l for s, l in filter(None, map(keymap.parse_layer, by_name)) if s == side), default=-1) for side in SIDES}
+    moe = {side: sorted(l for s, l in filter(None, map(keymap.parse_router_key, by_name)) if s == side) for side in SIDES}
+    steps = {side: _sparse_step(moe[side], layers[side], side, shared_path) for side in SIDES}
+    fc1 = [t for n, t in by_name.items() if _is_fc1_weight(n)]  # dense FFNs and experts: [F, D]
+    topology = Topology(
+        encoder_layers=layers["encoder"], decoder_layers=layers["decoder"], encoder_sparse_step=steps["encoder"],
+        decoder_sparse_step=steps["decoder"], num_experts=num_experts, d_model=d_model, ffn_dim=fc1[0].shape[0], vocab_size=vocab,
+    )
 
     def setting(key: str, default: Any) -> Any:
         value = find_in_opaque(shared_obj, key)
         return default if value is None else value
 
-    heads = setting("encoder_attention_heads", None)
-    if heads is None:
-        sidecar = shared_path.parent / "config.json"
-        if sidecar.is_file():
-            data = read_json(sidecar, error=CheckpointError, what="config")
-            heads = data.get("encoder_attention_heads") if isinstance(data, dict) else None
-    if heads is None and d_model == 2048:
-        heads = 16  # NLLB-200 MoE 54.5B
+    heads = setting("encoder_attention_heads", None) or _sidecar_heads(shared_path)
+    if heads is None and topology == NLLB_MOE_54B:
+        heads = NLLB_MOE_54B.encoder_attention_heads  # the released model's shape exactly: its cfg says 16
     if heads is None:
         raise CheckpointError(
             f"{shared_path}: cannot find the number of attention heads in the checkpoint's cfg/args; "
             "put a config.json with 'encoder_attention_heads' beside it"
         )
-    return NllbMoeConfig(
-        vocab_size=vocab,
-        d_model=d_model,
-        encoder_layers=layers["encoder"],
-        decoder_layers=layers["decoder"],
-        encoder_ffn_dim=ffn_dim,
-        decoder_ffn_dim=ffn_dim,
-        encoder_attention_heads=int(heads),
-        decoder_attention_heads=int(setting("decoder_attention_heads", heads)),
-        num_experts=num_experts,
-        encoder_sparse_step=steps["encoder"],
-        decoder_sparse_step=steps["decoder"],
+    topology = dataclasses.replace(topology, encoder_attention_heads=int(heads), decoder_attention_heads=int(setting("decoder_attention_heads", heads)))
+    return topology.to_hf_config(
         max_position_embeddings=int(setting("max_source_positions", 1024)),
         moe_token_dropout=float(setting("moe_eom", 0.2)),
         moe_eval_capacity_token_fraction=float(setting("moe_eval_capacity_token_fraction", 1.0)),
         scale_embedding=not bool(setting("no_scale_embedding", False)),
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        encoder_layerdrop=0.0, decoder_layerdrop=0.0,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
     )
 
 
-def _layer_count(by_name: dict[str, Any], side: str) -> int:
-    indices = {int(m.group(1)) for n in by_name if (m := re.match(rf"{side}\.layers\.(\d+)\.", n))}
-    return max(indices) + 1 if indices else 0
+def _is_fc1_weight(name: str) -> bool:
+    expert = keymap.parse_expert_key(name)
+    dense = keymap.parse_dense_ffn_key(name)
+    return (expert is not None and (expert.linear, expert.kind) == ("fc1", "weight")) or (dense is not None and dense[2:] == ("fc1", "weight"))
+
+
+def _sidecar_heads(shared_path: Path) -> Optional[int]:
+    sidecar = shared_path.parent / "config.json"
+    if not sidecar.is_file():
+        return None
+    data = read_json(sidecar, error=CheckpointError, what="config")
+    return data.get("encoder_attention_heads") if isinstance(data, dict) else None
 
 
 def _sparse_step(moe_layers: list[int], n_layers: int, side: str, path: Path) -> int:
@@ -487,20 +474,15 @@ def _check_complete(reader: CheckpointReader) -> None:
     check_experts(reader)  # num_experts (and an export's manifest) against the experts held
 
 
-def expected_shape(name: str, config: Any, *, router_rows: int) -> tuple[int, ...]:
-    """Shape of canonical tensor ``name`` in a model of ``config``."""
-    d, f = config.d_model, config.encoder_ffn_dim if name.startswith("encoder") else config.decoder_ffn_dim
-    if name == keymap.SHARED:
-        return (config.vocab_size, d)
-    if keymap.parse_router_key(name):
-        return (router_rows, d)
-    linear = re.search(r"\.fc(1|2)\.(weight|bias)$", name)
-    if linear:
-        out_dim, in_dim = (f, d) if linear.group(1) == "1" else (d, f)
-        return (out_dim, in_dim) if linear.group(2) == "weight" else (out_dim,)
-    if re.search(r"_proj\.weight$", name):
-        return (d, d)
-    return (d,)  # projection biases and layer norms
+def expected_shape(name: str, config: Any, *, router_rows: int, constants: int = 0) -> tuple[int, ...]:
+    """Shape of canonical tensor ``name`` in a model of ``config`` (:data:`keymap.CANONICAL_SHAPES`)."""
+    symbols = keymap.symbolic_shape(name)
+    if symbols is None:
+        raise CheckpointError(f"{name!r} is not a tensor of an NLLB-MoE model")
+    side = keymap.parse_layer(name)
+    ffn = config.decoder_ffn_dim if side is not None and side[0] == "decoder" else config.encoder_ffn_dim
+    sizes = {"V": config.vocab_size, "D": config.d_model, "F": ffn, "R": router_rows, "P": constants}
+    return tuple(sizes[symbol] for symbol in symbols)
 
 
 def quantized_tensors(reader: CheckpointReader, names: set[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -14,6 +14,7 @@ import collections
 import functools
 import io
 import math
+import mmap
 import os
 import pickle
 import struct
@@ -138,10 +139,11 @@ def map_bytes(path: Path, start: int, nbytes: int) -> torch.Tensor:
     """uint8 [nbytes]: bytes ``start .. start+nbytes`` of ``path``, copy-on-write mapped (read into memory when small).
 
     A mapped tensor costs no anonymous memory until written to; copying it into a model parameter or a
-    cast reads the pages straight from the page cache.
+    cast reads the pages straight from the page cache. The kernel is told to read exactly this range
+    (``MADV_WILLNEED``) and nothing around it (``MADV_RANDOM``): its default read-around on page faults
+    (``read_ahead_kb``, often MBs) would otherwise read the neighbouring tensors, the pruned experts
+    next to a kept one included.
     """
-    import numpy as np
-
     if nbytes < _SMALL_READ_BYTES:
         with open(path, "rb") as handle:
             handle.seek(start)
@@ -149,7 +151,13 @@ def map_bytes(path: Path, start: int, nbytes: int) -> torch.Tensor:
         if len(raw) != nbytes:
             raise CheckpointError(f"{path}: expected {nbytes} bytes at offset {start}, the file ends after {len(raw)} (truncated?)")
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=start, shape=(nbytes,)))
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), length=start + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_RANDOM)
+        mapped.madvise(mmap.MADV_WILLNEED)
+    return torch.frombuffer(mapped, dtype=torch.uint8, offset=start - base, count=nbytes)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -34,6 +34,7 @@ class EvaluateConfig:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
     dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: the checkpoint's)", "choices": ["bf16", "fp16", "fp32"]})
     lid: Optional[str] = field(default=None, metadata={"help": "language-identification model (fastText .bin/.ftz with FLORES labels, or `nllb-prune train-lid` JSON): adds the off-target rate"})
+    zero_experts: bool = field(default=False, metadata={"help": "the no-expert floor: every expert output zeroed, so MoE layers add nothing; routing still runs"})
     long_input: str = field(default="error", metadata={
         "help": "a sentence longer than the model's positions: error (before translating anything), truncate or split (as translate --long-input)",
         "choices": ["error", "truncate", "split"],
@@ -89,6 +90,8 @@ def evaluate(config: EvaluateConfig) -> int:
         check_lid_targets(lid, [tgt for _, tgt in directions])  # before loading the model
     warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {message}\n"
     model = load_for_translation(config.model, device=config.device, dtype=config.dtype)
+    if config.zero_experts:
+        model.set_no_experts(True)
     result = evaluate_model(
         model, data=config.data, out=config.out, directions=directions, split=config.split, max_sentences=config.max_sentences,
         options=config.decoding(), spm=config.spm, model_path=config.model, lid=lid, progress=sys.stderr.isatty(),

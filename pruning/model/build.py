@@ -7,15 +7,17 @@ Parameters are allocated once, at their final dtype and device, then filled tens
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
 
-from pruning.model.moe import DISPATCHES, ExtraRows, MoeLayer, choose_dispatch
+from pruning.model.moe import DISPATCHES, ExtraRows, MoeLayer, Router, choose_dispatch
+from pruning.data.directions import Side
 from pruning.quant import QuantSpec
-from pruning.topology import Side, Topology
+from pruning.topology import Topology
 
 ExpertSelection = dict[tuple[str, int], list[int]]
 """(side, layer) -> sorted original indices of the experts a MoE layer keeps."""
@@ -60,6 +62,19 @@ class NllbMoeForPruning(NllbMoeForConditionalGeneration):
 
         set_direction(self, src, tgt)
 
+    def set_no_experts(self, on: bool = True) -> None:
+        """The no-expert floor: every MoE layer adds nothing to the residual stream (all expert outputs zeroed).
+
+        Routing still runs. Pruning results stand beside this floor: on a model whose score barely drops
+        here, its experts carry little and pruning comparisons prove little.
+        """
+        for _, _, moe in self.moe_layers():
+            moe.no_experts = on
+
+    @property
+    def no_experts(self) -> bool:
+        return any(moe.no_experts for _, _, moe in self.moe_layers())
+
     def set_dispatch(self, name: str = "auto") -> str:
         """Choose the expert dispatch of every MoE layer (``auto`` | ``grouped`` | ``loop``); returns the choice.
 
@@ -81,36 +96,6 @@ class NllbMoeForPruning(NllbMoeForConditionalGeneration):
             moe.dispatch = dequantized_grouped_dispatch if grouped_quantized else DISPATCHES[chosen]
         self.dispatch_name, self.dispatch_reason = chosen, reason
         return chosen
-
-
-def hf_config(topology: Topology, **overrides: object) -> NllbMoeConfig:
-    """The ``transformers`` config of a model of ``topology``, with NLLB-200's settings unless overridden.
-
-    Inference settings: no dropout, eval capacity fraction 1.0, expert output masking 0.2, max 1,024
-    positions, scaled embeddings, NLLB's special token ids.
-    """
-    settings: dict[str, object] = dict(
-        vocab_size=topology.vocab_size,
-        d_model=topology.d_model,
-        encoder_layers=topology.encoder_layers,
-        decoder_layers=topology.decoder_layers,
-        encoder_ffn_dim=topology.ffn_dim,
-        decoder_ffn_dim=topology.ffn_dim,
-        encoder_attention_heads=topology.encoder_attention_heads,
-        decoder_attention_heads=topology.decoder_attention_heads,
-        num_experts=topology.num_experts,
-        encoder_sparse_step=topology.encoder_sparse_step,
-        decoder_sparse_step=topology.decoder_sparse_step,
-        max_position_embeddings=1024,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        encoder_layerdrop=0.0, decoder_layerdrop=0.0,
-        moe_token_dropout=0.2,
-        moe_eval_capacity_token_fraction=1.0,
-        scale_embedding=True,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-    )
-    settings.update(overrides)
-    return NllbMoeConfig(**settings)
 
 
 def full_selection(topology: Topology) -> ExpertSelection:
@@ -191,18 +176,57 @@ def _materialise(model: nn.Module, *, dtype: torch.dtype, device: torch.device) 
             module._buffers[name] = buffer
 
 
-def init_random_weights(model: NllbMoeForPruning, *, seed: int = 0, std: float = 0.02, router_std: float = 1.0) -> None:
-    """Fill a freshly built model with seeded random weights (tests, benchmarks).
+INIT_SCHEMES = ("normal", "fairseq")
 
-    Router rows get a large ``router_std`` so that routing spreads over many experts.
+
+def init_random_weights(
+    model: NllbMoeForPruning, *, seed: int = 0, scheme: str = "normal", std: float = 0.02, router_std: float = 1.0
+) -> None:
+    """Fill a freshly built model with seeded random weights (tests, benchmarks, training), in place.
+
+    Parameters are classified by the module that owns them (a :class:`Router`, a layer norm, the
+    embedding), never by name. ``normal``: N(0, ``std``) everywhere, layer-norm weights 1 + N(0, 0.1),
+    router rows N(0, ``router_std``) (large, so routing spreads over many experts). ``fairseq`` (what
+    NLLB was trained from): embeddings N(0, d^-1/2) with a zero padding row, Xavier-uniform matrices
+    (stacked experts: per expert), zero biases, unit layer norms, router rows N(0, d^-1/2). Draws come
+    from a generator on the parameters' device, so a model built on a GPU is filled there.
     """
-    generator = torch.Generator().manual_seed(seed)
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
+    device = model.model.shared.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    d_model = model.config.d_model
     with torch.no_grad():
         for name, param in model.named_parameters(remove_duplicate=True):
-            if name.endswith("layer_norm.weight"):
-                value = 1.0 + 0.1 * torch.randn(param.shape, generator=generator)
-            elif name.endswith("router.weight"):
-                value = router_std * torch.randn(param.shape, generator=generator)
-            else:
-                value = std * torch.randn(param.shape, generator=generator)
+            owner_name, _, local = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            value = _initial_value(owner, local, param, generator=generator, scheme=scheme, std=std, router_std=router_std, d_model=d_model)
+            if isinstance(owner, nn.Embedding) and scheme == "fairseq" and owner.padding_idx is not None:
+                value[owner.padding_idx] = 0
             param.copy_(value.to(param.dtype))
+
+
+def _initial_value(
+    owner: nn.Module, local: str, param: torch.Tensor, *, generator: torch.Generator, scheme: str, std: float, router_std: float, d_model: int
+) -> torch.Tensor:
+    """One parameter's initial value (float32, on the parameter's device)."""
+    shape, device = param.shape, param.device
+
+    def normal(scale: float) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=device) * scale
+
+    if isinstance(owner, Router):
+        return normal(router_std if scheme == "normal" else d_model**-0.5)
+    if isinstance(owner, nn.LayerNorm):
+        if local == "bias":
+            return normal(std) if scheme == "normal" else torch.zeros(shape, device=device)
+        return 1.0 + normal(0.1) if scheme == "normal" else torch.ones(shape, device=device)
+    if scheme == "normal":
+        return normal(std)
+    if isinstance(owner, nn.Embedding):
+        return normal(d_model**-0.5)
+    if local.endswith("bias") or param.dim() < 2:
+        return torch.zeros(shape, device=device)
+    fan_out, fan_in = shape[-2], shape[-1]  # [.., out, in]: stacked experts are [E, out, in]
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return (torch.rand(shape, generator=generator, device=device) * 2 - 1) * bound

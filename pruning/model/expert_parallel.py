@@ -218,22 +218,3 @@ def install_full_routers(model: NllbMoeForPruning, reader: Any, *, held: ExpertS
         moe.router = router
         moe.dispatch = ExpertParallelDispatch(group=group, bounds=shard_bounds(len(experts), world), local=local)
 
-
-def expert_parallel_from_full(model: NllbMoeForPruning, *, group: Any = None, local: str = "loop") -> None:
-    """Turn a full in-memory model into this rank's expert-parallel part (in place; drops other experts).
-
-    For tests and benchmarks that build a random model on every rank: the routers are kept whole.
-    """
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    for _, _, moe in model.moe_layers():
-        bounds = shard_bounds(moe.router.num_experts, world)
-        start, stop = bounds[rank]
-        old = moe.experts
-        shard = StackedExperts(num_experts=stop - start, d_model=old.fc1_weight.shape[2], ffn_dim=old.fc1_weight.shape[1])
-        shard = shard.to(device=old.fc1_weight.device, dtype=old.fc1_weight.dtype)
-        with torch.no_grad():
-            for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
-                getattr(shard, name).copy_(getattr(old, name)[start:stop])
-        shard.requires_grad_(False)
-        moe.experts = shard
-        moe.dispatch = ExpertParallelDispatch(group=group, bounds=bounds, local=local)

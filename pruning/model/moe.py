@@ -72,9 +72,12 @@ class Router(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # Keep the router in fp32 when the model is cast to bf16/fp16: routing must not change with dtype.
+        # The fp32 values are kept (moved to the new device), not the cast ones cast back: a round trip
+        # through bf16 would change the router's decisions.
+        fp32 = self.weight.data
         super()._apply(fn, recurse)
-        if self.weight.is_floating_point() and self.weight.dtype != torch.float32:
-            self.weight.data = self.weight.data.float()
+        if self.weight.is_floating_point() and self.weight.dtype != torch.float32 and fp32.dtype == torch.float32:
+            self.weight.data = fp32.to(device=self.weight.device)
         return self
 
     @property
@@ -329,6 +332,8 @@ class MoeLayer(nn.Module):
         # [R] bool or None: rows whose assignments contribute nothing for the current direction (a multi-
         # direction ``skip`` export: experts of the union that the direction does not keep); set between calls
         self.silenced: Optional[torch.Tensor] = None
+        # True: the layer adds nothing (the router still routes, hooks still see it): the no-expert floor
+        self.no_experts = False
 
     @property
     def expert_ids(self) -> list[int]:
@@ -345,6 +350,8 @@ class MoeLayer(nn.Module):
         token_mask = token_mask_from_attention(attention_mask, batch=batch, seq=seq, device=hidden.device)
         x = hidden.reshape(batch * seq, d_model)  # [T, D]
         routing = self.router(x, token_mask)
+        if self.no_experts:
+            return torch.zeros_like(hidden), routing
         served = routing if self.silenced is None else silence(routing, self.silenced)
         if self.row_slot is None:
             out = self.dispatch(x, served, self.experts)  # [T, D]

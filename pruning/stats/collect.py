@@ -34,9 +34,9 @@ import torch
 from pruning.config import ConfigError
 from pruning.model.moe import MoeLayer, Routing
 from pruning.stats.chunking import ChunkTable, chunk_layout, chunks_from_flat, num_chunk_values
-from pruning.stats.counters import BASE_COUNTERS, MAX_COUNTERS, RoutingStats, StatsError, direction_key, split_direction
+from pruning.data.directions import SHORT_SIDE, direction_key, split_direction
+from pruning.stats.counters import BASE_COUNTERS, MAX_COUNTERS, RoutingStats, StatsError
 from pruning.stats.outputs import GATE_RATIO_BINS, GATE_RATIO_HIST, OUTPUT_COUNTERS, gate_ratio_histogram, output_counters, tap_dispatch
-from pruning.topology import SHORT_SIDE
 
 ROW_COUNTERS = ("top1", "top2", "gate", "conf1", "conf2", "rank")
 """The per-expert counters, in the row order of the accumulators ([Ls, C, E]); ``tokens`` is kept apart."""
@@ -460,7 +460,7 @@ class StatsOptions:
         if self.pairs:
             out = []
             for pair in self.pairs:
-                src, tgt = split_direction(pair)
+                src, tgt = split_direction(pair, what="--pairs")
                 if src == tgt:
                     raise ConfigError(f"--pairs: {pair!r} translates a language into itself")
                 out.append(direction_key(src, tgt))

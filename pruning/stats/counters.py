@@ -48,6 +48,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from pruning.atomic import atomic_path
+from pruning.data.directions import SHORT_SIDE, long_side, split_direction
 from pruning.errors import UserError
 from pruning.topology import Topology, TopologyError
 
@@ -56,24 +57,13 @@ VERSION = 2
 """Newest format version read; files without chunks are still written as version 1."""
 CHUNKS = "chunks"
 """Prefix of the chunk tensors in the file."""
-STAT_SIDES = ("enc", "dec")
+STAT_SIDES = tuple(SHORT_SIDE.values())
 BASE_COUNTERS = ("tokens", "top1", "top2", "gate", "conf1", "conf2", "rank")
 MAX_COUNTERS = frozenset({"max_abs"})
 
 
 class StatsError(UserError):
     """A statistics file or request is malformed; the message names the file, key or language."""
-
-
-def direction_key(src: str, tgt: str) -> str:
-    return f"{src}-{tgt}"
-
-
-def split_direction(direction: str) -> tuple[str, str]:
-    parts = direction.split("-")
-    if len(parts) != 2 or not all(parts):
-        raise StatsError(f"a direction must look like 'src-tgt' (e.g. 'fra_Latn-eng_Latn'), got {direction!r}")
-    return parts[0], parts[1]
 
 
 def is_chunked(name: str, value: torch.Tensor) -> bool:
@@ -143,10 +133,7 @@ class RoutingStats:
         return out
 
     def num_layers(self, side: str) -> int:
-        full = {"enc": "encoder", "dec": "decoder"}.get(side)
-        if full is None:
-            raise StatsError(f"side must be one of {STAT_SIDES}, got {side!r}")
-        return len(self.topology.moe_layers(full))  # type: ignore[arg-type]
+        return len(self.topology.moe_layers(long_side(side)))
 
     def add(self, direction: str, side: str, name: str, value: torch.Tensor) -> None:
         """Add ``value`` into counter ``name`` (creating the direction/side/counter if needed)."""

@@ -37,7 +37,8 @@ from typing import Any, Iterable
 import torch
 
 from pruning.atomic import read_json, write_text
-from pruning.stats.counters import RoutingStats, StatsError, split_direction
+from pruning.data.directions import split_direction
+from pruning.stats.counters import RoutingStats, StatsError
 from pruning.topology import NLLB_MOE_54B, Topology
 
 PAPER_QUANTITIES = ("top1", "top2", "conf1", "conf2", "mean", "rank")
@@ -91,10 +92,7 @@ def _normalised_counters(q: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _check_key(key: Any, *, what: str) -> None:
     if not isinstance(key, str):
         raise StatsError(f"{what}: key {key!r} is not a direction 'src-tgt'")
-    try:
-        split_direction(key)
-    except StatsError as exc:
-        raise StatsError(f"{what}: {exc}") from None
+    split_direction(key, what=f"{what}: key")
 
 
 def _read_quantities(entry: Any, *, topology: Topology, what: str) -> dict[str, torch.Tensor]:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from pruning.stats.counters import StatsError, split_direction
+from pruning.data.directions import split_direction
+from pruning.stats.counters import StatsError
 
 
 # ---- the data a run reads ------------------------------------------------------------------------

@@ -123,10 +123,11 @@ class PrunedRouter(nn.Module):
         self.classifier = nn.Linear(d_model, num_experts, bias=False)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
+        fp32 = self.classifier.weight.data  # kept as is: a round trip through bf16 would change the routing
         super()._apply(fn, recurse)
         weight = self.classifier.weight
-        if weight.is_floating_point() and weight.dtype != torch.float32:
-            weight.data = weight.data.float()
+        if weight.is_floating_point() and weight.dtype != torch.float32 and fp32.dtype == torch.float32:
+            weight.data = fp32.to(device=weight.device)
         return self
 
 
