@@ -79,11 +79,14 @@ class _KeepsDtypes(nn.Module):
     """Parameter name -> its dtype whatever the model's (read by ``build._materialise`` too)."""
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # The kept values themselves, moved to the new device (a round trip of fp32 scales through bf16 would round them).
+        kept = {name: self._parameters[name].data for name in self.fixed_dtypes if self._parameters.get(name) is not None}
         super()._apply(fn, recurse)
         for name, dtype in self.fixed_dtypes.items():
             param = self._parameters.get(name)
             if param is not None and param.dtype != dtype:
-                param.data = param.data.to(dtype)
+                source = kept[name] if kept[name].dtype == dtype else param.data
+                param.data = source.to(device=param.device, dtype=dtype)
         return self
 
 

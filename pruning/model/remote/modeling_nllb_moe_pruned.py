@@ -85,12 +85,12 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        codes = self.weight.dtype
-        super()._apply(fn, recurse)  # a cast of the model moves these, but keeps codes integer and scales fp32
-        self.weight.data = self.weight.data.to(codes)
-        for param in (self.weight_scale, self.weight_min):
-            if param is not None:
-                param.data = param.data.float()
+        # a cast of the model moves these, but keeps the codes integer and the fp32 scales' own values
+        kept = [(param, param.data) for param in (self.weight, self.weight_scale, self.weight_min) if param is not None]
+        super()._apply(fn, recurse)
+        for param, value in kept:
+            if param.dtype != value.dtype:
+                param.data = value.to(param.device)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
