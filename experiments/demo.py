@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from pruning.cli import main as cli
-from pruning.stats.collect import versions
+from pruning.versions import versions
 
 TESTBED = Path("experiments/testbed")
 RESULTS = Path("experiments/results/demo.json")

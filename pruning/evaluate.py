@@ -25,7 +25,6 @@ signature. Without ``--lid`` the outputs are exactly as before; :func:`read_scor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from pruning.data.directions import split_direction
+from pruning.model.identity import model_identity
+from pruning.versions import versions as package_versions
 from pruning.errors import UserError
 
 SPM_CHOICES = ("flores200", "flores101", "none")
@@ -472,11 +473,11 @@ def build_summary(
         "device": device_name(model),
         "no_experts": bool(getattr(model, "no_experts", False)),
     }
-    versions = _versions()
+    versions = package_versions("sacrebleu")
     ours = "|".join(
         [
             f"nllb-prune:{versions['nllb-prune']}",
-            f"model:{identity['model']}",
+            f"model:{identity['path']}",
             f"manifest:{identity['manifest_sha256'][:12] if identity['manifest_sha256'] else 'none'}",
             f"index:{identity['index_sha256'][:12] if identity['index_sha256'] else 'none'}",
             *(["experts:none"] if settings["no_experts"] else []),
@@ -523,30 +524,4 @@ def check_lid_targets(lid: Any, targets: Sequence[str]) -> None:
             f"identifies ({', '.join(sorted(known)[:20])}{' ...' if len(known) > 20 else ''})"
         )
 
-
-def model_identity(model: Any, model_path: Optional[str]) -> dict[str, Any]:
-    """Path of the model, sha256 of its manifest file (which lists the shards' sha256) and of its expert index."""
-    from pruning.manifest import MANIFEST_NAME
-
-    path = model_path or getattr(model, "source_path", None)
-    manifest = getattr(model, "manifest", None) or {}
-    manifest_sha = None
-    if path and (Path(path) / MANIFEST_NAME).is_file():
-        manifest_sha = hashlib.sha256((Path(path) / MANIFEST_NAME).read_bytes()).hexdigest()
-    return {
-        "model": str(Path(path).resolve()) if path else "in-memory",
-        "manifest_sha256": manifest_sha,
-        "index_sha256": (manifest.get("index") or {}).get("sha256"),
-        "experts_kept": manifest.get("num_experts_kept"),
-    }
-
-
-def _versions() -> dict[str, str]:
-    import sacrebleu
-    import torch
-    import transformers
-
-    from pruning import __version__
-
-    return {"nllb-prune": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "sacrebleu": sacrebleu.__version__}
 

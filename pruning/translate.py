@@ -23,10 +23,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from pruning.data.batching import length_batches
 from pruning.errors import UserError
 from pruning.manifest import set_direction
 
-__all__ = ["DecodingOptions", "TranslateError", "make_batches", "set_direction", "translate_sentences"]
+__all__ = ["DecodingOptions", "TranslateError", "set_direction", "translate_sentences"]
 
 LONG_INPUT_CHOICES = ("error", "truncate", "split")
 """What happens to a source longer than the model's positions (see the module doc)."""
@@ -54,27 +55,6 @@ class DecodingOptions:
 
     def signature(self) -> str:
         return f"beam:{self.beam}|max_new_tokens:{self.max_length}|batch_tokens:{self.batch_tokens}|sampling:no"
-
-
-def make_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[list[int]]:
-    """Indices of ``lengths`` grouped into batches: longest first, each batch's count x longest <= ``batch_tokens``.
-
-    A sentence longer than ``batch_tokens`` gets a batch of its own. Ties keep input order.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        candidate = max(longest, lengths[i])
-        if current and candidate * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current, candidate = [], lengths[i]
-        current.append(i)
-        longest = candidate
-    if current:
-        batches.append(current)
-    return batches
 
 
 def language_token_id(tokenizer: Any, code: str, *, flag: str) -> int:
@@ -220,7 +200,7 @@ def translate_sentences(
     processors = vocabulary_limit(model, tokenizer)
     limit = {"logits_processor": processors} if processors else {}
     with torch.inference_mode():
-        for batch in make_batches([len(ids) for ids in pieces], batch_tokens=options.batch_tokens):
+        for batch in length_batches([len(ids) for ids in pieces], batch_tokens=options.batch_tokens):
             padded = tokenizer.pad({"input_ids": [pieces[j] for j in batch]}, return_tensors="pt")
             generated = model.generate(
                 input_ids=padded["input_ids"].to(device),

@@ -121,7 +121,7 @@ def triangular(n: int) -> float:
 
 def forward_observed(model: Any, batch: dict[str, torch.Tensor], **collector_options: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """``(plain logits, logits with a RoutingCollector on, its counters)`` of one batch (the collector is closed)."""
-    from pruning.stats.collect import RoutingCollector
+    from pruning.stats.collector import RoutingCollector
 
     with torch.no_grad():
         plain = model(**batch, use_cache=False).logits

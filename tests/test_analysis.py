@@ -13,7 +13,9 @@ import torch
 from pruning.cli import main
 from pruning.config import ConfigError
 from pruning.model.loading import load_model
-from pruning.stats.collect import StatsOptions, collect_statistics, make_batches
+from pruning.stats.batches import make_batches
+from pruning.stats.collect import collect_statistics
+from pruning.stats.options import StatsOptions
 from pruning.stats.counters import Chunks, RoutingStats, StatsError
 from tests.stats_fixtures import LANGS, assert_counters_close, make_flores, reference_counters
 

@@ -114,7 +114,7 @@ def test_evaluate_end_to_end_equals_independent_sacrebleu(tmp_path, export_dir, 
     signature = summary["signature"]
     for part in (f"manifest:{manifest_sha[:12]}", f"index:{index_sha[:12]}", "beam:1|max_new_tokens:6|batch_tokens:4096", "device:cpu", "n:4", f"sacrebleu:{sacrebleu.__version__}"):
         assert part in signature
-    assert summary["model"]["model"] == str(export_dir.resolve())
+    assert summary["model"]["path"] == str(export_dir.resolve())
     assert f"mean over 2 direction(s): spBLEU {sum(bleu_values) / 2:.2f}  chrF++ {sum(chrf_values) / 2:.2f}" in printed
 
 

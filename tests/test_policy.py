@@ -332,7 +332,7 @@ def test_exported_merge_weights_are_the_frequency_average(exports, tiny_model, s
 
 
 def test_translate_and_stats_work_on_policy_exports(exports, tiny_model):
-    from pruning.stats.collect import RoutingCollector
+    from pruning.stats.collector import RoutingCollector
     from pruning.translate import DecodingOptions, translate_sentences
 
     text = fixtures.sentences(2, seed=11)

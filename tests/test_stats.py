@@ -13,8 +13,11 @@ import torch
 from pruning.cli import main
 from pruning.model.loading import load_model
 from pruning.model.moe import MoeLayer
-from pruning.stats import collect
-from pruning.stats.collect import RoutingCollector, StatsOptions, collect_statistics, decoder_inputs, routing_counters
+from pruning.stats import batches, collect
+from pruning.stats.batches import decoder_inputs
+from pruning.stats.collect import collect_statistics
+from pruning.stats.collector import RoutingCollector, routing_counters
+from pruning.stats.options import StatsOptions
 from pruning.stats.counters import RoutingStats, StatsError
 from pruning.topology import Topology
 from tests.stats_fixtures import LANGS, assert_counters_close, forward_observed, make_flores, reference_counters, triangular
@@ -102,7 +105,7 @@ def test_pruned_model_counts_by_original_expert_index(tiny_hf_dir, flores):
     pairs = tokenized_pairs(pruned.tokenizer, flores, DEU, ENG)[:3]
     expected = reference_counters(pruned, pairs, num_experts=topology.num_experts)
     collector = RoutingCollector(pruned, num_experts=topology.num_experts)
-    ids, mask = collect.pad([e for e, _ in pairs], pad_id=pruned.config.pad_token_id)
+    ids, mask = batches.pad([e for e, _ in pairs], pad_id=pruned.config.pad_token_id)
     dec, dec_mask = decoder_inputs([lab for _, lab in pairs], start_id=2, pad_id=pruned.config.pad_token_id)
     with torch.no_grad():
         pruned(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask, use_cache=False)
@@ -317,7 +320,7 @@ def test_language_unknown_to_the_tokenizer(tiny_hf_dir, tmp_path):
         (["--langs", FRA], "at least two languages"),
         (["--lang", FRA], "--lang needs --partners"),
         (["--pairs", f"{FRA}-{FRA}"], "into itself"),
-        (["--pairs", "fra_Latn"], "must look like 'src-tgt'"),
+        (["--pairs", "fra_Latn"], "--pairs: 'fra_Latn' is not a direction 'src-tgt'"),
         (["--pairs", f"{FRA}-{DEU}", "--mode", "sample"], "invalid choice: 'sample'"),
         (["--pairs", f"{FRA}-{DEU}", "--beam", "0"], "--beam must be at least 1"),
         (["--pairs", f"{FRA}-{DEU}", "--expert-parallel", "2"], "torchrun --nproc-per-node 2"),
@@ -376,21 +379,21 @@ def test_paper_json_round_trip_of_collected_counters(teacher_stats, tmp_path):
 def test_batches_follow_the_token_budget_and_never_depend_on_order():
     sources = [[5] * n for n in (3, 9, 4, 9, 2)]
     labels = [[6] * n for n in (4, 2, 8, 3, 2)]
-    batches = collect.make_batches(sources, labels, batch_tokens=20, pad_id=1)
-    assert sorted(i for b in batches for i in b.sentences) == [0, 1, 2, 3, 4]
-    for b in batches:
+    made = batches.make_batches(sources, labels, batch_tokens=20, pad_id=1)
+    assert sorted(i for b in made for i in b.sentences) == [0, 1, 2, 3, 4]
+    for b in made:
         longest = max(max(len(sources[i]), len(labels[i])) for i in b.sentences)
         assert len(b.sentences) == 1 or len(b.sentences) * longest <= 20
     ids, mask = decoder_inputs([[7, 8, 2], [7, 2]], start_id=2, pad_id=1)
     assert ids.tolist() == [[2, 7, 8], [2, 7, 1]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
-    assert collect.hypothesis_labels(torch.tensor([[2, 7, 9, 2, 1, 1], [2, 7, 9, 9, 9, 9]]), eos_id=2) == [[7, 9, 2], [7, 9, 9, 9, 9]]
+    assert batches.hypothesis_labels(torch.tensor([[2, 7, 9, 2, 1, 1], [2, 7, 9, 9, 9, 9]]), eos_id=2) == [[7, 9, 2], [7, 9, 9, 9, 9]]
 
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 36, 128])
 def test_rank_sums_numpy_and_torch_paths_agree(rows):
     """The CPU path packs row ids into float64 keys; it must rank exactly like a stable argsort, ties included."""
-    from pruning.stats.collect import _rank_sums_numpy, _rank_sums_torch
+    from pruning.stats.collector import _rank_sums_numpy, _rank_sums_torch
 
     g = torch.Generator().manual_seed(rows)
     logits = (torch.randn(300, rows, generator=g) * 12).float()

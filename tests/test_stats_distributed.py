@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from pruning.model.loading import load_model
-from pruning.stats.collect import StatsOptions, collect_statistics
+from pruning.stats.collect import collect_statistics
+from pruning.stats.options import StatsOptions
 from pruning.stats.counters import RoutingStats
 from pruning.stats.outputs import ALL_OUTPUT_COUNTERS
 from tests.stats_fixtures import LANGS, assert_counters_close, make_flores

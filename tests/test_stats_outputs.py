@@ -9,7 +9,9 @@ from metrics import MetricError, compute_metric
 from pruning.cli import main
 from pruning.model.loading import load_model
 from pruning.model.moe import sorted_loop_dispatch
-from pruning.stats.collect import RoutingCollector, StatsOptions, collect_statistics
+from pruning.stats.collect import collect_statistics
+from pruning.stats.collector import RoutingCollector
+from pruning.stats.options import StatsOptions
 from pruning.stats.counters import RoutingStats
 from pruning.stats.outputs import ALL_OUTPUT_COUNTERS, GATE_RATIO_BINS
 from tests.stats_fixtures import LANGS, forward_observed, make_flores

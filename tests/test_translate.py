@@ -14,7 +14,8 @@ from pruning import load_model
 from pruning.cli import main
 from pruning.export import export_checkpoint, parse_directions
 from pruning.manifest import ManifestError
-from pruning.translate import DecodingOptions, TranslateError, make_batches, translate_sentences
+from pruning.data.batching import length_batches
+from pruning.translate import DecodingOptions, TranslateError, translate_sentences
 from tests import export_fixtures as ef
 from tests import fixtures
 
@@ -44,7 +45,7 @@ def export_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     ],
 )
 def test_make_batches(lengths, batch_tokens, expected):
-    batches = make_batches(lengths, batch_tokens=batch_tokens)
+    batches = length_batches(lengths, batch_tokens=batch_tokens)
     assert batches == expected
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for batch in batches:

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from experiments.bench.common import markdown_table, signature, synchronize, write_results
-from pruning.stats.collect import RoutingCollector, decoder_inputs, make_batches
+from pruning.stats.batches import decoder_inputs, make_batches
+from pruning.stats.collector import RoutingCollector
 
 
 def tiny_setup(*, sentences: int, seed: int) -> tuple[Any, list[tuple[list[int], list[int]]]]:

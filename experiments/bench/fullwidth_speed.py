@@ -40,7 +40,7 @@ def stock_layers(model: Any) -> Iterator[None]:
 
 def batch_of(model: Any, sentences: int, *, src: str, tgt: str) -> dict[str, torch.Tensor]:
     from pruning.data.flores import FloresDir
-    from pruning.stats.collect import decoder_inputs
+    from pruning.stats.batches import decoder_inputs
 
     tokenizer = model.tokenizer
     flores = FloresDir("experiments/testbed/data/flores")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tgt", default="qbr_Cyrl")
     parser.add_argument("--name", default="bench_fullwidth_speed_cpu")
     args = parser.parse_args(argv)
-    from pruning.stats.collect import RoutingCollector
+    from pruning.stats.collector import RoutingCollector
 
     model = load_model(args.model, dtype=args.dtype)
     batch = batch_of(model, args.sentences, src=args.src, tgt=args.tgt)

@@ -32,7 +32,7 @@ from experiments.paper import study as paper_study
 from metrics.router import needs_router_rows
 from pruning.index import ExpertIndex, direction_ids
 from pruning.select import SelectOptions, select_experts
-from pruning.stats.collect import versions
+from pruning.versions import versions
 from pruning.stats.counters import RoutingStats
 from pruning.topology import Topology
 

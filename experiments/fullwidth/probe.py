@@ -27,7 +27,8 @@ def fp16_check(model_path: str, out: str, *, sentences: int = 8, src: str = "qen
 
     from pruning import load_model
     from pruning.data.flores import FloresDir
-    from pruning.stats.collect import RoutingCollector, decoder_inputs
+    from pruning.stats.batches import decoder_inputs
+    from pruning.stats.collector import RoutingCollector
     from pruning.translate import DecodingOptions, translate_sentences
 
     model = load_model(model_path, dtype="fp16")

@@ -75,7 +75,7 @@ def write(results: Path) -> Path:
         record["workload"] = workload_of(sentences)
     md = results.with_suffix(".md")
     body = [
-        f"# Full-width rehearsal on this CPU machine\n",
+        "# Full-width rehearsal on this CPU machine\n",
         f"- command: `{record['command']}` (then `python -m experiments.fullwidth.report`)",
         f"- date: {record['date']}; machine: {record['machine']}; python {record['python']}, torch {record['torch']}, "
         f"transformers {record['transformers']}",

@@ -135,7 +135,7 @@ def rehearse(work: Path, *, small: bool, threads: int, sentences: int, resume: b
 
     # 1-2. the HF .bin layout, info, convert to safetensors bf16
     r.run("generate hf-bin fp16", [*gen, "--out", str(bin_dir), "--layout", "hf-bin", "--dtype", "fp16"])
-    largest_fp16 = largest_tensor_bytes(bin_dir)
+    largest_fp16 = largest_tensor_bytes(bin_dir if bin_dir.exists() else hf)  # 16-bit either way
     r.run("info (hf-bin)", cli("info", str(bin_dir)), bound=("1 GB", one_gb))
     r.run("convert hf-bin fp16 -> safetensors bf16", cli("convert", str(bin_dir), "--out", str(hf), "--dtype", "bf16"),
           bound=("2 x largest tensor + 1 GB", 2 * largest_fp16 + one_gb))

@@ -156,8 +156,16 @@ def map_bytes(path: Path, start: int, nbytes: int) -> torch.Tensor:
         mapped = mmap.mmap(handle.fileno(), length=start + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
     if hasattr(mapped, "madvise"):
         mapped.madvise(mmap.MADV_RANDOM)
-        mapped.madvise(mmap.MADV_WILLNEED)
+        # the kernel caps one WILLNEED at its readahead window (a few MB): ask window by window, so that
+        # every page is queued for reading in large requests before the first fault (a fault under
+        # MADV_RANDOM would read one page at a time)
+        for offset in range(0, len(mapped), _WILLNEED_STEP):
+            mapped.madvise(mmap.MADV_WILLNEED, offset, min(_WILLNEED_STEP, len(mapped) - offset))
     return torch.frombuffer(mapped, dtype=torch.uint8, offset=start - base, count=nbytes)
+
+
+_WILLNEED_STEP = 8 << 20
+"""Bytes per MADV_WILLNEED request (a multiple of the page size)."""
 
 
 @functools.lru_cache(maxsize=4096)

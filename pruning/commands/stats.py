@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 from pruning.config import add_dataclass_flags, resolve
-from pruning.stats.collect import StatsOptions
+from pruning.stats.options import StatsOptions
 
 NAME = "stats"
 HELP = (

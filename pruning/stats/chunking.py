@@ -4,7 +4,7 @@ Dimension legend: F elements of a collector's flat vector (:meth:`RoutingCollect
 chunked (:func:`pruning.stats.counters.is_chunked`), N chunks of the direction.
 
 Chunk ``c`` holds the sentences of lines ``[cK, (c+1)K)`` of the split; batches never mix chunks
-(:func:`pruning.stats.collect.make_batches`). After each batch the collector's counters are moved into
+(:func:`pruning.stats.batches.make_batches`). After each batch the collector's counters are moved into
 the chunk's row of a [N, P] table on the device, and the collector is reset; the counters that are not
 chunked (``out_sum``, ``coact``, maxima) go into a running [F] total. The direction's chunked counters
 are the sum of its chunk rows, so chunks always add up to the direction.

@@ -19,11 +19,15 @@ Files from before the fingerprint (no ``data.files``) name their data by directo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from pruning.data.directions import split_direction
+from pruning.model.identity import model_identity
+from pruning.versions import versions
 from pruning.stats.counters import StatsError
 
 
@@ -124,3 +128,62 @@ def describe_pieces(pieces: Optional[frozenset[Piece]]) -> str:
     if not pieces:
         return "unknown sentences"
     return ", ".join(sorted(piece.describe() for piece in pieces))
+
+
+# ---- what made the counters (the file's info), and whether a run may add to it ----------------
+def collection_info(options: Any, model: Any, *, expert_parallel: int, data_parallel: int, data_root: Path) -> dict[str, Any]:
+    """What made these counters (stored in the file's ``info``)."""
+    identity = model_identity(model)
+    identity["path"] = os.path.abspath(options.model)
+    info: dict[str, Any] = {
+        "model": identity,
+        "data": {"dir": os.path.abspath(data_root), "split": options.split, "max_sentences": options.max_sentences, "first_sentence": options.first_sentence},
+        "chunk_sentences": options.chunk_size,
+        "mode": options.mode,
+        "counted": "teacher-forced reference" if options.mode == "teacher" else "teacher-forced beam-search hypothesis",
+        "beam": options.beam if options.mode == "beam" else None,
+        "max_new_tokens": options.max_new_tokens if options.mode == "beam" else None,
+        "batch_tokens": options.batch_tokens,
+        "dispatch": getattr(model, "dispatch_name", options.dispatch),
+        "expert_outputs": options.expert_outputs,
+        "sentences": {},
+        "processes": {"expert_parallel": expert_parallel, "data_parallel": data_parallel},
+        "versions": versions(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return info
+
+
+_RESUME_KEYS = (
+    ("model", "config_sha256"), ("model", "router_fingerprint"), ("data", "split"), ("data", "max_sentences"),
+    ("data", "first_sentence"), ("mode",), ("beam",), ("max_new_tokens",), ("expert_outputs",), ("chunk_sentences",),
+)
+_RESUME_DEFAULTS: dict[tuple[str, ...], Any] = {("data", "first_sentence"): 0}
+"""What a file from before an option was collected with (no key in its info)."""
+
+
+def check_resumable(previous: dict[str, Any], current: dict[str, Any], *, path: Path) -> None:
+    """Refuse to add counters to a file collected with other settings (another model, split, mode, beam ...)."""
+    infos = previous.get("merged_from", [previous])
+    for info in infos:
+        diffs = []
+        for keys in _RESUME_KEYS:
+            old, new = _dig(info, keys), _dig(current, keys)
+            if keys == ("expert_outputs",):  # files from before the option have no key: collected without
+                old, new = bool(old), bool(new)
+            if old is None:
+                old = _RESUME_DEFAULTS.get(keys)
+            if old != new:
+                diffs.append(f"{'.'.join(keys)}: file {old!r}, this run {new!r}")
+        if diffs:
+            raise StatsError(
+                f"--resume: {path} was collected with other settings ({'; '.join(diffs)}); "
+                f"write to another --out (and merge later with nllb-prune merge-stats) or drop --resume"
+            )
+
+
+def _dig(info: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    value: Any = info
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
