@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=Path, default=PAPER_INDEX, help="per-language index for the multi-direction plan (the paper's)")
     parser.add_argument("--langs", default=PAPER_LANGS)
     args = parser.parse_args(argv)
-    from pruning.stats.collect import versions
+    from pruning.versions import versions
 
     path = RESULTS / "memory.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}

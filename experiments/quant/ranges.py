@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"layer": f"{side}.{layer}", "matrix": f"experts.{linear} ({w.shape[0]} experts)",
                          "input_outlier_ratio": outlier_ratio(torch.cat(hidden_all)), **weight_stats(w),
                          **{k: round(statistics.fmean(v), 5) for k, v in errors.items()}})
-    from pruning.stats.collect import versions
+    from pruning.versions import versions
 
     payload = {"model": str(args.model), "sentences_per_language": args.sentences, "languages": langs, "rows": rows,
                "command": " ".join(["python -m experiments.quant.ranges", *sys.argv[1:]]), "versions": versions(),

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if storage and storage != "bf16":
             row["vs_bf16"] = paired(chrf[name], chrf[f"{model_name}@bf16"])
         rows.append(row)
-    from pruning.stats.collect import versions
+    from pruning.versions import versions
 
     payload = {
         "what": "chrF++ / off-target of full and pruned exports by weight storage, paired with the same model at bf16",
