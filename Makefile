@@ -120,3 +120,7 @@ rehearsal-small: setup ## the same steps at d_model 256 (~5 min, <2 GB disk): a 
 plan-nllb: setup ## the memory plans the docs quote for the real NLLB-200
 	$(CLI) plan --model nllb-moe-54b --gpus 4 --gpu-mem 32GB --dtype fp16 --batch-tokens 4096
 	$(CLI) plan --model nllb-moe-54b --gpu-mem 32GB --dtype bf16 --batch 16 --beam 4
+
+quant-study: setup ## quantized exports on the testbed: chrF++ / off-target at bf16, int8, int4 (paired, ~25 min on 2 cores) and weight/activation ranges
+	$(PY) -m experiments.quant.study
+	$(PY) -m experiments.quant.ranges

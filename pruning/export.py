@@ -21,6 +21,11 @@ router rows, after the kept ones, and stores their treatment: ``constant_outputs
 the same tensor of the experts folded into it, read one at a time). The manifest's ``policy`` and
 config.json's ``pruned_routing`` say which row is served by what.
 
+``--quantize int8|int4`` (:mod:`pruning.quant`; ``--quantize-dense`` adds the dense linear layers)
+stores each targeted weight as codes plus fp32 scales, computed from the float weight after any
+policy transform (a merged expert is quantized once merged). An export that is already quantized
+is carried through as it is (re-exporting a subset with ``--policy drop``) and cannot be quantized again.
+
 Several directions (``--langs`` / ``--pairs``) keep the union of their experts; at translation time
 :func:`pruning.manifest.set_direction` routes each direction over its own experts only, so one GPU
 serves them all without reloading.
@@ -33,7 +38,7 @@ Memory: pruned experts are never read (skipped before loading). Every output ten
 dtype is known before the first is loaded, so each shard's header is written first and each tensor
 goes to disk as soon as it is produced (:class:`~pruning.checkpoint.writer.ShardWriter`); source
 tensors are mapped from their files, not copied. Peak anonymous memory is the tensor being cast (and
-a merge's running sum), whatever the shard size (``max_shard_bytes``, default 4 GiB). The output is
+a merge's running sum, and a quantized tensor's fp32 copy and codes), whatever the shard size (``max_shard_bytes``, default 4 GiB). The output is
 written to a temporary sibling directory and renamed when complete.
 """
 
@@ -63,6 +68,7 @@ from pruning.manifest import (
     sha256_file,
     write_manifest,
 )
+from pruning.quant import QuantSpec, check_can_quantize, quantize, spec_of
 from pruning.topology import Topology
 
 Pair = tuple[str, str]
@@ -204,6 +210,52 @@ class _Computed:
         return self.value
 
 
+@dataclasses.dataclass(frozen=True)
+class _QuantPart:
+    """One stored part (codes ``""``, ``"_scale"``, ``"_min"``) of a float weight quantized at export."""
+
+    source: Entry
+    suffix: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    parts: Any  # _QuantCache
+
+    def load(self) -> torch.Tensor:
+        return self.parts(self.source)[self.suffix]
+
+
+class _QuantCache:
+    """Quantizes one source weight (after the export's transform) and keeps its parts until the next one."""
+
+    def __init__(self, spec: QuantSpec, transform: Any):
+        self.spec, self.transform = spec, transform
+        self.name: Optional[str] = None
+        self.parts: dict[str, torch.Tensor] = {}
+
+    def __call__(self, entry: Entry) -> dict[str, torch.Tensor]:
+        if self.name != entry.name:
+            self.parts, self.name = {}, None  # free the previous weight's parts first
+            self.parts = quantize(self.transform(entry, entry.tensor.load()), self.spec)
+            self.name = entry.name
+        return self.parts
+
+
+def _with_quantized(reader: CheckpointReader, spec: Optional[QuantSpec], transform: Any) -> CheckpointReader:
+    """``reader`` whose weights ``spec`` targets each become their stored parts (codes, scale[, min]), in place."""
+    if spec is None:
+        return reader
+    cache = _QuantCache(spec, transform)
+    entries: list[Entry] = []
+    for entry in reader.entries():
+        if not spec.applies(entry.name):
+            entries.append(entry)
+            continue
+        for name, (shape, dtype) in spec.stored(entry.name, tuple(entry.tensor.shape)).items():
+            part = _QuantPart(entry, name[len(entry.name):], shape, dtype, cache)
+            entries.append(Entry(name, part, entry.file, entry.source_key))  # type: ignore[arg-type]
+    return dataclasses.replace(reader, _entries=entries)
+
+
 def _plan_policy(policy: str, stats: Optional[str | Path], *, reader: CheckpointReader, plan: ExportPlan) -> Any:
     """The :class:`pruning.policy.PolicyPlan` of a substitute/merge export (None for drop)."""
     from pruning.policy import check_policy, plan_policy, policy_spec
@@ -266,6 +318,7 @@ def export_checkpoint(
     progress: bool = True,
     policy: str = DROP,
     stats: Optional[str | Path] = None,
+    quantize: Optional[QuantSpec] = None,
 ) -> Path:
     """Write a pruned export of ``model`` keeping the experts ``experts`` gives ``directions``.
 
@@ -273,7 +326,9 @@ def export_checkpoint(
     index is also written into the export as ``experts.json`` (and ``index_file`` is ignored).
     ``dtype`` None keeps the source's. ``selection`` is recorded as is in the manifest. ``policy``
     (``drop`` | ``substitute`` | ``merge``, :mod:`pruning.policy`) is the pruned experts' treatment;
-    ``substitute`` and ``merge`` need ``stats``, a statistics file of the unpruned model.
+    ``substitute`` and ``merge`` need ``stats``, a statistics file of the unpruned model. ``quantize``
+    (:class:`pruning.quant.QuantSpec`) stores the weights it targets as codes and fp32 scales; a
+    quantized source keeps its quantization (and refuses another).
     """
     from pruning import __version__
 
@@ -281,6 +336,8 @@ def export_checkpoint(
     out = Path(out)
     if Path(model).resolve() == out.resolve():
         raise ExportError(f"--out {out} is the source checkpoint itself")
+    check_can_quantize(quantize, source_manifest=reader.manifest, source=str(model))
+    quantization = quantize or spec_of(reader.manifest)
     index, index_info = _index_and_info(experts)
     plan = plan_export(index, reader.topology, directions, what=index_info["file"] or "expert index")
     check_available(plan, reader)
@@ -295,6 +352,8 @@ def export_checkpoint(
         return key is not None and key.expert not in keep[(key.side, key.layer)]
 
     def transform(entry: Entry, tensor: torch.Tensor) -> torch.Tensor:
+        if isinstance(entry.tensor, _QuantPart):
+            return tensor  # quantized from the transformed weight already
         router = keymap.parse_router_key(entry.name)
         if router is not None:
             return tensor[rows[router]]  # [kept (+ pruned rows of a policy), D]
@@ -316,10 +375,11 @@ def export_checkpoint(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         def output_shape(entry: Entry) -> tuple[int, ...]:
             router = keymap.parse_router_key(entry.name)
-            return (len(rows[router]), *entry.tensor.shape[1:]) if router is not None else tuple(entry.tensor.shape)
+            return (len(rows[router]), *entry.tensor.shape[1:]) if router is not None else tuple(entry.tensor.shape)  # quantized parts: theirs
 
+        source = _with_quantized(_ordered(_with_constants(reader, policy_plan)), quantize, transform)
         shards = stream_entries(
-            _ordered(_with_constants(reader, policy_plan)), tmp, dtype=target_dtype, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
+            source, tmp, dtype=target_dtype, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
             transform=transform, output_shape=output_shape, skip=skip, progress=progress, desc="exporting",
         )
         directions_ids = {key: plan.global_ids(key) for key in plan.directions}
@@ -330,6 +390,8 @@ def export_checkpoint(
         }
         if policy_plan is not None:
             remote["pruned_routing"] = policy_plan.config_entry()
+        if quantization is not None:
+            remote["pruned_quantization"] = quantization.record()
         write_config(_clean_config(reader.config), tmp, dtype=target_dtype, extra=remote)
         shutil.copyfile(REMOTE_CODE, tmp / REMOTE_CODE.name)
         copy_tokenizer(reader, tmp)
@@ -346,6 +408,7 @@ def export_checkpoint(
             weights={shard.name: sha256_file(shard) for shard in shards},
             version=__version__,
             policy=policy_plan.record if policy_plan else None,
+            quantization=quantization.record() if quantization else None,
         )
         write_manifest(tmp, manifest)
     return out
@@ -383,7 +446,13 @@ def summarize(out: Path, manifest: Mapping[str, Any]) -> list[str]:
         f"directions: {shown}",
         f"dtype: {manifest['dtype']}, weights: {len(manifest['weights'])} shard(s)",
         f"pruned experts: {policy_summary(manifest)}",
+        f"quantized: {quant_summary(manifest)}",
     ]
+
+
+def quant_summary(manifest: Mapping[str, Any]) -> str:
+    spec = spec_of(manifest)
+    return "no (float weights)" if spec is None else spec.describe()
 
 
 def policy_summary(manifest: Mapping[str, Any]) -> str:

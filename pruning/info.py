@@ -19,13 +19,21 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:
     """Layout, topology, dtype, parameter and byte counts (dense, experts, per MoE layer)."""
+    from pruning.quant import is_companion, spec_of
+
     reader = open_checkpoint(path)
     topology = reader.topology
+    quantization = spec_of(reader.manifest)
     dense_params = expert_params = dense_bytes = expert_bytes = 0
     per_layer: dict[str, dict[str, int]] = {}
     for entry in reader.entries():
-        n = _numel(tuple(entry.tensor.shape))
-        nbytes = n * entry.tensor.dtype.itemsize
+        stored = _numel(tuple(entry.tensor.shape))
+        nbytes = stored * entry.tensor.dtype.itemsize
+        n = stored  # parameters: a quantized weight's codes count as the weights they stand for, its scales as none
+        if quantization is not None and is_companion(entry.name):
+            n = 0
+        elif quantization is not None and quantization.applies(entry.name):
+            n = quantization.logical_numel(tuple(entry.tensor.shape))
         expert = keymap.parse_expert_key(entry.name)
         if expert is None:
             dense_params += n
@@ -52,6 +60,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "per_moe_layer": per_layer,
         "tokenizer": str(reader.tokenizer_dir) if reader.tokenizer_dir else None,
         "manifest": reader.manifest,
+        "quantization": quantization.record() if quantization else None,
     }
 
 
@@ -68,8 +77,12 @@ def format_description(info: dict[str, Any]) -> str:
         f"= {info['params']['total'] / 1e6:,.2f}M",
         f"bytes        dense {gib(info['bytes']['dense']):.3f} GiB + experts {gib(info['bytes']['experts']):.3f} GiB "
         f"= {gib(info['bytes']['total']):.3f} GiB",
-        "per MoE layer (experts, params):",
     ]
+    if info.get("quantization"):
+        from pruning.quant import QuantSpec
+
+        lines.append(f"quantized    {QuantSpec.from_record(info['quantization']).describe()}; other tensors {info['dtype']}, routers fp32")
+    lines.append("per MoE layer (experts, params):")
     def layer_order(name: str) -> tuple[int, int]:
         side, layer = name.split(".")
         return (0 if side == "encoder" else 1, int(layer))

@@ -28,6 +28,10 @@ Written by :mod:`pruning.export` into every export; read back by :func:`pruning.
   expert serving that row (merge) or null: the row's assignments add the next row of the layer's
   ``constant_outputs`` tensor [P, D] (substitute). Merge layers also record ``by`` per row (``"coact"``
   or ``"router"``: how the kept expert was chosen); substitute layers ``never_routed``.
+* ``quantization`` (format version 3; absent or null: float weights): ``{"scheme": "int8"|"int4",
+  "group_size": null|int, "targets": ["experts"(, "dense")], "scale_dtype": "float32", "format": the
+  dequantization formula}`` (:mod:`pruning.quant`): which weights are stored as codes with fp32
+  ``X.weight_scale`` (and int4 ``X.weight_min``) beside them. ``dtype`` is then the dtype of the rest.
 
 Nothing in it depends on the source checkpoint's layout or path: exports of one index from the
 fairseq and the HF layout of the same model are byte-identical, manifest included.
@@ -51,8 +55,9 @@ from pruning.topology import Topology
 
 MANIFEST_NAME = "pruning_manifest.json"
 FORMAT = "nllb-prune/export"
-FORMAT_VERSION = 2
-"""Highest version read; an export without a pruned-expert policy (``drop``) is still written as 1."""
+FORMAT_VERSION = 3
+"""Highest version read; an export without a pruned-expert policy (``drop``) is still written as 1, one with
+a policy as 2, a quantized one as 3 (so that a toolkit that cannot dequantize refuses it by its version)."""
 DROP = "drop"
 
 LayerExperts = dict[tuple[Side, int], list[int]]
@@ -126,12 +131,14 @@ def build_manifest(
     weights: Mapping[str, str],
     version: str,
     policy: Optional[Mapping[str, Any]] = None,
+    quantization: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
     langs = sorted({lang for key in directions if key != ANY_DIRECTION for lang in split_direction(key)})
     policy = dict(policy or {"name": DROP})
+    version = 3 if quantization else 1 if policy["name"] == DROP else 2
     return {
         "format": FORMAT,
-        "format_version": 1 if policy["name"] == DROP else FORMAT_VERSION,
+        "format_version": version,
         "created_by": f"nllb-prune {version}",
         "topology": topology.to_dict(),
         "dtype": str(dtype).replace("torch.", ""),
@@ -143,6 +150,7 @@ def build_manifest(
         "selection": dict(selection or {}),
         "weights": dict(sorted(weights.items())),
         "policy": policy,
+        **({"quantization": dict(quantization)} if quantization else {}),
     }
 
 
@@ -185,6 +193,13 @@ def check_manifest(data: Any, *, what: str = MANIFEST_NAME) -> None:
     if bad:
         raise ManifestError(f"{what}: layer key(s) {bad[:4]} are not of the form 'encoder.N' or 'decoder.N'")
     _check_policy(data.get("policy"), what=what)
+    if data.get("quantization") is not None:
+        from pruning.quant import QuantError, spec_of
+
+        try:
+            spec_of(data)
+        except QuantError as exc:
+            raise ManifestError(f"{what}: {exc}") from None
 
 
 def _policy_layer_names(policy: Any) -> list[str]:

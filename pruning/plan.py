@@ -14,6 +14,10 @@ Per device (one GPU, or this machine's memory with ``--device cpu``):
 * **translation** = weights + the key/value cache (self-attention over ``src + max_length`` positions
   and cross-attention over ``src`` positions, per decoder layer and per hypothesis, ``batch x beam``)
   + the per-step fp32 scores over the vocabulary (:data:`SCORE_COPIES` of ``[batch x beam, vocab]``);
+* **quantized weights** (``--quantize int8|int4 [--quantize-dense]``, an export's ``--quantize``): the
+  experts (and the dense linear layers) at the bytes :mod:`pruning.quant` stores (int8: 1 byte per
+  weight + an fp32 scale per row; int4: 0.5 byte + fp32 scale and minimum per group), plus the
+  dequantization transient (two [F, D] matrices at ``dtype``); statistics always run on float weights;
 * **runtime**: the process itself (:data:`RUNTIME`: python, torch, transformers; a GPU's CUDA context
   and allocator reserve).
 
@@ -88,6 +92,18 @@ class Workload:
     """Source tokens per sentence (FLORES-200 sentences: ~40 on average, ~150 at most)."""
     max_length: int = 200
     """Most target tokens generated (``translate --max-length``)."""
+    quantize: str = ""
+    """Translation models' experts stored as ``int8`` | ``int4`` (``export --quantize``); "" for float weights."""
+    quantize_dense: bool = False
+    """... and their dense linear layers (``export --quantize-dense``)."""
+    group_size: Optional[int] = None
+    """int4 group size (None: 128)."""
+
+    def quant_spec(self) -> Any:
+        """The :class:`pruning.quant.QuantSpec` of the translation models, or None."""
+        from pruning.commands.export import quant_spec
+
+        return quant_spec(self.quantize, dense=self.quantize_dense, group_size=self.group_size)
 
     def validate(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -96,6 +112,7 @@ class Workload:
                             ("--src-len", self.src_len), ("--max-length", self.max_length)):
             if value < 1:
                 raise PlanError(f"{flag} must be a positive integer, got {value}")
+        self.quant_spec()
 
     @property
     def itemsize(self) -> int:
@@ -195,6 +212,17 @@ def plan_model(name: str, topology: Topology, hardware: Hardware, workload: Work
         f"routers (fp32, {router_rows:g} rows per layer)": router_bytes(topology, router_rows),
         f"experts ({experts:g})": expert_bytes(topology, experts, item),
     }
+    spec = workload.quant_spec()
+    if spec is not None:
+        from pruning import quant
+
+        dense_what = f"dense ({spec.scheme} linear layers)" if spec.dense else "dense"
+        weights = {
+            dense_what: dense_bytes(topology, item) - quant.dense_saving(topology, spec, item),
+            f"routers (fp32, {router_rows:g} rows per layer)": router_bytes(topology, router_rows),
+            f"experts ({experts:g}, {spec.scheme})": int(experts * quant.expert_bytes(topology, spec, item)),
+            "dequantization transient": quant.dequantization_bytes(topology, item),
+        }
     generation = generation_bytes(topology, workload)
     part = _part(name, {**weights, f"generation (batch {workload.batch} x beam {workload.beam}, {workload.src_len}+{workload.max_length} tokens)": generation}, hardware)
     fixed = part.total - generation
@@ -210,7 +238,8 @@ def plan_model(name: str, topology: Topology, hardware: Hardware, workload: Work
             part.notes.append(f"the weights do not fit even for one sentence: {fix}")
         else:
             part.notes.append(f"fits with --batch {largest} (or a smaller --beam / --max-length)")
-    return {"weights_bytes": sum(weights.values()), "largest_batch": int(largest), **_as_dict(part)}
+    stored = sum(v for k, v in weights.items() if k != "dequantization transient")
+    return {"weights_bytes": stored, "largest_batch": int(largest), **_as_dict(part)}
 
 
 def _as_dict(part: Part) -> dict[str, Any]:
@@ -290,7 +319,9 @@ def resolve_topology(model: str) -> Topology:
 
 def format_plan(plan: Mapping[str, Any]) -> list[str]:
     hw = plan["hardware"]
-    lines = [f"hardware: {hw['devices']} x {hw['memory_bytes'] / GIB:.1f} GiB ({hw['device']}), dtype {plan['workload']['dtype']}; "
+    workload = plan["workload"]
+    quantized = f", translation models {workload['quantize']}{' + dense' if workload.get('quantize_dense') else ''}" if workload.get("quantize") else ""
+    lines = [f"hardware: {hw['devices']} x {hw['memory_bytes'] / GIB:.1f} GiB ({hw['device']}), dtype {workload['dtype']}{quantized}; "
              f"full model {plan['full_model_bytes'] / GIB:.1f} GiB"]
     stats = plan["statistics"]
     sections = [("statistics", stats), *[(k, plan[k]) for k in ("translation_one_direction", "translation_multi_direction", "translation_full_model") if k in plan]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -21,9 +22,14 @@ EntryTransform = Callable[[Entry, torch.Tensor], torch.Tensor]
 
 
 def storage_dtype(name: str, source: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:
-    """The dtype ``name`` is stored in: routers stay fp32 (routing never depends on the dtype), others ``dtype``."""
+    """The dtype ``name`` is stored in: routers stay fp32 (routing never depends on the dtype), others ``dtype``.
+
+    A quantized export's codes (integers) and scales (``X.weight_scale`` / ``X.weight_min``) keep theirs.
+    """
     if keymap.parse_router_key(name) is not None:
         return torch.float32
+    if re.search(rf"{keymap.QUANT_COMPANION}$", name):
+        return source
     if dtype is None or not source.is_floating_point:
         return source
     return dtype

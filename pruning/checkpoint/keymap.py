@@ -86,6 +86,9 @@ CANONICAL_SHAPES: list[tuple[str, tuple[str, ...]]] = [
     (rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.fc2\.bias", ("D",)),
     (rf"{_SIDE}\.layers\.{_N}\.ffn\.constant_outputs", ("P", "D")),  # substitute-policy exports (pruning.manifest)
 ]
+QUANT_COMPANION = r"\.weight_(scale|min)"
+"""A quantized export's ``X.weight_scale`` / ``X.weight_min`` beside each quantized ``X.weight`` (pruning.quant)."""
+
 _CANONICAL = [(re.compile(pattern), shape) for pattern, shape in CANONICAL_SHAPES]
 
 
@@ -96,7 +99,7 @@ def symbolic_shape(name: str) -> Optional[tuple[str, ...]]:
 
 _LAYER_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.")
 _DENSE_FFN_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.(fc1|fc2)\.{_WB}")
-_EXPERT_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.(fc1|fc2)\.{_WB}")
+_EXPERT_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.experts\.expert_(\d+)\.(fc1|fc2)\.(weight|bias|weight_scale|weight_min)")
 _ROUTER_RE = re.compile(rf"{_SIDE}\.layers\.{_N}\.ffn\.router\.classifier\.weight")
 
 
@@ -106,7 +109,7 @@ class ExpertKey:
     layer: int
     expert: int
     linear: str  # "fc1" | "fc2"
-    kind: str  # "weight" | "bias"
+    kind: str  # "weight" | "bias" (| "weight_scale" | "weight_min" in a quantized export)
 
 
 def map_key(key: str, table: list[tuple[str, Optional[str]]], *, expert: Optional[int] = None) -> Optional[str] | bool:
@@ -127,6 +130,10 @@ def map_key(key: str, table: list[tuple[str, Optional[str]]], *, expert: Optiona
 
 
 def is_canonical(name: str) -> bool:
+    """A canonical tensor name, or a quantized export's scale / minimum of a canonical ``X.weight``."""
+    companion = re.fullmatch(rf"(.+){QUANT_COMPANION}", name)
+    if companion is not None:
+        name = companion.group(1) + ".weight"
     return symbolic_shape(name) is not None
 
 

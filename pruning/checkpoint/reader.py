@@ -461,6 +461,8 @@ def _check_complete(reader: CheckpointReader) -> None:
     from pruning.manifest import policy_tensor_shapes
 
     expected = set(expected_names(topology, experts=experts)) | set(policy_tensor_shapes(reader.manifest, reader.config))
+    quantized = quantized_tensors(reader, expected)
+    expected |= set(quantized)
     have = set(reader.names())
     missing = sorted(expected - have)
     extra = sorted(have - expected)
@@ -468,7 +470,7 @@ def _check_complete(reader: CheckpointReader) -> None:
         raise CheckpointError(f"{reader.path}: {len(missing)} tensor(s) missing for the model in config: {missing[:10]}")
     if extra:
         raise CheckpointError(f"{reader.path}: {len(extra)} tensor(s) that the config's topology does not have: {extra[:10]}")
-    _check_shapes(reader, present)
+    _check_shapes(reader, present, quantized)
     check_experts(reader)  # num_experts (and an export's manifest) against the experts held
 
 
@@ -483,8 +485,24 @@ def expected_shape(name: str, config: Any, *, router_rows: int, constants: int =
     return tuple(sizes[symbol] for symbol in symbols)
 
 
-def _check_shapes(reader: CheckpointReader, present: dict[tuple[str, int], list[int]]) -> None:
-    """Every tensor's shape against the config, before any weight is loaded; all mismatches at once."""
+def quantized_tensors(reader: CheckpointReader, names: set[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{name: (shape, dtype)}`` of a quantized export's codes and scales (pruning.quant); {} otherwise."""
+    from pruning.quant import spec_of
+
+    spec = spec_of(reader.manifest)
+    if spec is None:
+        return {}
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name in sorted(names):
+        if spec.applies(name):
+            out.update(spec.stored(name, expected_shape(name, reader.config, router_rows=0)))
+    return out
+
+
+def _check_shapes(
+    reader: CheckpointReader, present: dict[tuple[str, int], list[int]], quantized: Optional[dict[str, tuple[tuple[int, ...], torch.dtype]]] = None
+) -> None:
+    """Every tensor's shape (and a quantized tensor's dtype) against the config, before any weight is loaded; all mismatches at once."""
     from pruning.manifest import policy_tensor_shapes
 
     wrong = []
@@ -492,8 +510,11 @@ def _check_shapes(reader: CheckpointReader, present: dict[tuple[str, int], list[
     for entry in reader.entries():
         router = keymap.parse_router_key(entry.name)
         rows = len(present.get(router, [])) if router else 0
-        want = policy_shapes.get(entry.name) or expected_shape(entry.name, reader.config, router_rows=rows)
+        stored = (quantized or {}).get(entry.name)
+        want = policy_shapes.get(entry.name) or (stored[0] if stored else None) or expected_shape(entry.name, reader.config, router_rows=rows)
         if tuple(entry.tensor.shape) != want:
             wrong.append(f"{entry.file.name}:{entry.source_key} has shape {tuple(entry.tensor.shape)}, config expects {want}")
+        elif stored is not None and entry.tensor.dtype != stored[1]:
+            wrong.append(f"{entry.file.name}:{entry.source_key} is {entry.tensor.dtype}, the manifest's quantization stores it as {stored[1]}")
     if wrong:
         raise CheckpointError(f"{reader.path}: {len(wrong)} tensor(s) do not match the config: " + "; ".join(wrong[:10]))

@@ -1,5 +1,5 @@
 """nllb-prune export --model M --experts experts.json (--src L --tgt L | --langs L1,L2 | --pairs a-b,..) --out DIR
-[--policy drop|substitute|merge --stats stats.safetensors]"""
+[--policy drop|skip|substitute|merge --stats stats.safetensors] [--quantize int8|int4 [--quantize-dense] [--group-size 128]]"""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pruning.policy import POLICIES, check_policy
 
 NAME = "export"
 HELP = "Write a pruned single-GPU checkpoint: the dense part plus the experts an expert index keeps for some directions."
+
 
 @dataclass
 class ExportOptions:
@@ -35,16 +36,40 @@ class ExportOptions:
         "choices": POLICIES,
     })
     stats: str = field(default="", metadata={"help": "statistics file of the unpruned model (for --policy substitute|merge)"})
+    quantize: str = field(default="", metadata={
+        "help": "store the kept experts' weights quantized: int8 (one scale per output channel) or int4 (min/max per group "
+        "of --group-size input features); scales in fp32, routers stay fp32 (pruning/quant.py)"})
+    quantize_dense: bool = field(default=False, metadata={"help": "with --quantize: also the dense linear layers (attention projections, dense FFNs)"})
+    group_size: Optional[int] = field(default=None, metadata={"help": "int4: input features per group (default 128; must divide d_model and the FFN width)"})
+
+    def quant_spec(self):  # noqa: ANN201 - Optional[pruning.quant.QuantSpec]
+        """The requested quantization (None: float weights); raises on a bad combination of the flags."""
+        return quant_spec(self.quantize, dense=self.quantize_dense, group_size=self.group_size)
 
     def validate_export(self) -> None:
         if not self.shard_gb > 0:
             raise ConfigError(f"--shard-gb must be positive, got {self.shard_gb}")
         check_policy(self.policy, self.stats or None)
+        self.quant_spec()
 
     def directions(self) -> list[tuple[str, str]]:
         from pruning.export import parse_directions
 
         return parse_directions(src=self.src, tgt=self.tgt, langs=self.langs, pairs=self.pairs)
+
+
+def quant_spec(scheme: str, *, dense: bool, group_size: Optional[int]):  # noqa: ANN201
+    """``--quantize/--quantize-dense/--group-size`` -> a :class:`pruning.quant.QuantSpec` or None."""
+    from pruning.quant import SCHEMES, QuantSpec
+
+    if not scheme:
+        extra = [flag for flag, given in (("--quantize-dense", dense), ("--group-size", group_size is not None)) if given]
+        if extra:
+            raise ConfigError(f"{' and '.join(extra)} need(s) --quantize int8|int4")
+        return None
+    if scheme not in SCHEMES:
+        raise ConfigError(f"--quantize must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    return QuantSpec.make(scheme, dense=dense, group_size=group_size)
 
 
 @dataclass
@@ -79,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             max_shard_bytes=int(config.shard_gb * 2**30),
             policy=config.policy,
             stats=config.stats or None,
+            quantize=config.quant_spec(),
         )
     print(f"source {config.model}")
     for line in summarize(out, read_manifest(out) or {}):

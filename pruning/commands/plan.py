@@ -1,4 +1,5 @@
-"""nllb-prune plan --model M|nllb-moe-54b --gpus N --gpu-mem 32GB [--experts experts.json --src/--tgt|--langs|--pairs] [--json]"""
+"""nllb-prune plan --model M|nllb-moe-54b --gpus N --gpu-mem 32GB [--experts experts.json --src/--tgt|--langs|--pairs]
+[--quantize int8|int4 [--quantize-dense]] [--json]"""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class PlanConfig:
     pairs: list[str] = field(default_factory=list, metadata={"help": "with --experts: these directions src-tgt"})
     ratio: Optional[float] = field(default=None, metadata={"help": "without --experts: share of experts pruned (default 0.8, the paper's)"})
     enc_dec: str = field(default="3:1", metadata={"help": "without --experts: encoder:decoder split of the kept experts"})
+    quantize: str = field(default="", metadata={"help": "translation models stored quantized as export --quantize makes them: int8 | int4"})
+    quantize_dense: bool = field(default=False, metadata={"help": "with --quantize: the dense linear layers too (export --quantize-dense)"})
+    group_size: Optional[int] = field(default=None, metadata={"help": "int4 group size (default 128)"})
     json: bool = field(default=False, metadata={"help": "print the plan as JSON"})
 
     def validate(self) -> None:
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     config = resolve(PlanConfig, args)
     topology = resolve_topology(config.model)
     hardware = Hardware(config.gpus, parse_memory(config.gpu_mem), config.device)
-    workload = Workload(config.dtype, config.batch_tokens, config.batch, config.beam, config.src_len, config.max_length)
+    workload = Workload(config.dtype, config.batch_tokens, config.batch, config.beam, config.src_len, config.max_length,
+                        config.quantize, config.quantize_dense, config.group_size)
     if config.experts:
         directions = parse_directions(src=config.src or None, tgt=config.tgt or None, langs=config.langs, pairs=config.pairs)
         kept = kept_from_index(topology, config.experts, directions)

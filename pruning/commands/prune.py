@@ -101,5 +101,6 @@ def prune(config: PruneConfig, *, progress: bool = True) -> list[str]:
         progress=progress,
         policy=config.policy,
         stats=config.stats if config.policy in NEEDS_STATISTICS else None,
+        quantize=config.quant_spec(),
     )
     return [*selection.summary(), f"source {config.model}", *summarize(out, read_manifest(out) or {})]

@@ -16,6 +16,7 @@ from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
 
 from pruning.model.moe import DISPATCHES, ExtraRows, MoeLayer, Router, choose_dispatch
 from pruning.data.directions import Side
+from pruning.quant import QuantSpec
 from pruning.topology import Topology
 
 ExpertSelection = dict[tuple[str, int], list[int]]
@@ -28,6 +29,7 @@ class NllbMoeForPruning(NllbMoeForConditionalGeneration):
     """``NllbMoeForConditionalGeneration`` whose MoE layers are ours (see :mod:`pruning.model.moe`)."""
 
     tokenizer = None  # set by load_model when tokenizer files are found
+    quantization = None  # the QuantSpec of a quantized export (pruning.quant), set by build_empty_model
 
     def moe_layers(self) -> Iterator[tuple[Side, int, MoeLayer]]:
         """Yield ``(side, layer, MoeLayer)`` in global order (encoder first)."""
@@ -74,14 +76,24 @@ class NllbMoeForPruning(NllbMoeForConditionalGeneration):
         return any(moe.no_experts for _, _, moe in self.moe_layers())
 
     def set_dispatch(self, name: str = "auto") -> str:
-        """Choose the expert dispatch of every MoE layer (``auto`` | ``grouped`` | ``loop``); returns the choice."""
+        """Choose the expert dispatch of every MoE layer (``auto`` | ``grouped`` | ``loop``); returns the choice.
+
+        Quantized experts (:mod:`pruning.model.quantized`): ``auto`` is the loop (one expert dequantized at
+        a time, or torch's int8 kernel); ``grouped`` dequantizes a whole layer's experts per call.
+        """
+        from pruning.model.quantized import QUANTIZED_AUTO_REASON, QuantizedStackedExperts, dequantized_grouped_dispatch
+
         weight = self.model.shared.weight
         chosen, reason = choose_dispatch(
             name, device=weight.device, dtype=weight.dtype, d_model=self.config.d_model,
             ffn_dim=max(self.config.encoder_ffn_dim, self.config.decoder_ffn_dim),
         )
+        quantized = any(isinstance(moe.experts, QuantizedStackedExperts) for _, _, moe in self.moe_layers())
+        if quantized and name == "auto":
+            chosen, reason = "loop", QUANTIZED_AUTO_REASON
         for _, _, moe in self.moe_layers():
-            moe.dispatch = DISPATCHES[chosen]
+            grouped_quantized = chosen == "grouped" and isinstance(moe.experts, QuantizedStackedExperts)
+            moe.dispatch = dequantized_grouped_dispatch if grouped_quantized else DISPATCHES[chosen]
         self.dispatch_name, self.dispatch_reason = chosen, reason
         return chosen
 
@@ -97,10 +109,13 @@ def build_empty_model(
     extra_rows: Optional[LayerExtraRows] = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    quantization: Optional[QuantSpec] = None,
 ) -> NllbMoeForPruning:
     """An uninitialised model (parameters allocated, not filled) keeping ``experts`` (default all).
 
     ``extra_rows`` gives layers router rows of pruned experts (see :class:`pruning.model.moe.ExtraRows`).
+    ``quantization`` (a quantized export's) stores the weights it targets as codes + fp32 scales
+    (:mod:`pruning.model.quantized`); ``dtype`` is then the dtype of everything else and of the compute.
     """
     from accelerate import init_empty_weights
     from transformers.modeling_utils import no_init_weights
@@ -120,6 +135,11 @@ def build_empty_model(
                 capacity_fraction=config.moe_eval_capacity_token_fraction,
                 extra_rows=(extra_rows or {}).get((side, layer)),
             )
+        if quantization is not None:
+            from pruning.model.quantized import quantize_modules
+
+            quantize_modules(model, quantization)
+            model.quantization = quantization
     model.tie_weights()  # accelerate's meta init registers fresh parameters: re-tie embeddings and lm_head
     _materialise(model, dtype=dtype, device=torch.device(device))
     model.set_dispatch("auto")
@@ -135,15 +155,16 @@ def _inference_config(config: NllbMoeConfig) -> NllbMoeConfig:
 
 
 def _materialise(model: nn.Module, *, dtype: torch.dtype, device: torch.device) -> None:
-    """Allocate every meta parameter on ``device`` (ties kept; routers in fp32); move buffers."""
+    """Allocate every meta parameter on ``device`` (ties kept; routers in fp32, a module's ``fixed_dtypes`` kept); move buffers."""
     allocated: dict[int, nn.Parameter] = {}
     for module_name, module in model.named_modules():
+        fixed = getattr(module, "fixed_dtypes", {})  # quantized codes and their fp32 scales
         for name, param in list(module._parameters.items()):
             if param is None:
                 continue
             if id(param) not in allocated:
                 is_router = module_name.endswith("ffn.router")
-                target = torch.float32 if is_router else dtype
+                target = fixed.get(name) or (torch.float32 if is_router else dtype)
                 allocated[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=target, device=device), requires_grad=False)
             module._parameters[name] = allocated[id(param)]
         for name, buffer in list(module._buffers.items()):

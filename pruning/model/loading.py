@@ -14,6 +14,7 @@ from pruning.checkpoint.reader import CheckpointReader, open_checkpoint
 from pruning.checkpoint.torch_zip import CheckpointError
 from pruning.model.build import ExpertSelection, LayerExtraRows, NllbMoeForPruning, build_empty_model, full_selection
 from pruning.model.moe import ExtraRows
+from pruning.quant import spec_of
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -70,7 +71,8 @@ def load_model(
     (``auto``: grouped GEMM where supported, else the sorted per-expert loop). The tokenizer, if
     found, is ``model.tokenizer``. An export made with ``--policy substitute|merge`` is loaded with
     its pruned experts' router rows and their treatment (its manifest's ``policy``); it loads whole
-    (``experts`` must be None or everything it holds).
+    (``experts`` must be None or everything it holds). A quantized export (``export --quantize``) keeps
+    its codes and fp32 scales in memory (:mod:`pruning.model.quantized`); ``dtype`` is the compute dtype.
     """
     reader = open_checkpoint(path)
     tokenizer = load_tokenizer(reader.tokenizer_dir) if reader.tokenizer_dir else None  # a bad tokenizer fails before the weights load
@@ -84,7 +86,9 @@ def load_model(
             "(an expert subset or --expert-parallel > 1 is only possible for --policy drop exports)"
         )
     target_dtype = parse_dtype(dtype) or reader.dtype
-    model = build_empty_model(reader.config, experts=selection, extra_rows=extra, dtype=target_dtype, device=resolve_device(device))
+    model = build_empty_model(
+        reader.config, experts=selection, extra_rows=extra, dtype=target_dtype, device=resolve_device(device), quantization=spec_of(reader.manifest)
+    )
     fill_weights(model, reader, progress=progress)
     try:
         model.set_dispatch(dispatch)
@@ -184,7 +188,7 @@ def _check_filled(model: NllbMoeForPruning, filled: set[str], reader: Checkpoint
         expected.add(name)
     for side, layer, moe in model.moe_layers():
         expected.add(keymap.router_key(side, layer))
-        for dest in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
+        for dest, _ in moe.experts.named_parameters():  # fc1/fc2 weight and bias (and a quantized export's scales)
             expected.update(f"{side}.{layer}.{dest}.{i}" for i in range(len(moe.expert_ids)))
     missing = sorted(expected - filled)
     if missing:

@@ -27,6 +27,14 @@ expert receives the tokens of the experts folded into it) or, where ``to`` is nu
 ``weight * constant_outputs[j]`` (substitute: the pruned expert's stored mean output, j counting the
 null entries in order), scaled by (1 - moe_token_dropout) like any expert output.
 
+An export made with ``--quantize int8|int4`` carries ``pruned_quantization`` (``{"scheme", "group_size",
+"targets": ["experts"(, "dense")]}``): the experts' fc1/fc2 (and, with ``dense``, every attention projection
+and dense FFN linear) store codes in ``weight`` with fp32 ``weight_scale`` (and int4 ``weight_min``) beside
+them; :class:`QuantizedLinear` dequantizes them to the activations' dtype at each call (int8:
+``w = q * scale``, one scale per output row; int4: ``w = q * scale + min`` per group of ``group_size``
+inputs, two codes per byte, the even column in the low nibble), or, for int8 on CPU in bf16/fp16, hands
+the codes to torch's ``_weight_int8pack_mm``.
+
 Stock ``transformers`` 5.x runs only experts 0 and 1 in this model; this file never uses its MoE layer.
 """
 
@@ -51,6 +59,60 @@ def _real_tokens(mask: Optional[torch.Tensor], batch: int, seq: int, device: tor
         last_row = mask[:, 0, mask.shape[2] - 1, mask.shape[3] - seq :]
         visible = last_row if last_row.dtype == torch.bool else last_row == 0
     return visible.reshape(batch * seq).to(device)
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, minimum: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Codes -> [out, in] weights in ``dtype`` (int8: q * scale; int4: unpacked q * scale + min per group)."""
+    if q.dtype == torch.int8:
+        return q.to(dtype) * scale.to(dtype)[:, None]
+    codes = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(q.shape[0], q.shape[1] * 2)  # [out, in]
+    groups = scale.shape[1]
+    w = codes.to(dtype).reshape(q.shape[0], groups, -1) * scale.to(dtype)[..., None] + minimum.to(dtype)[..., None]
+    return w.reshape(q.shape[0], -1)
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer stored as codes (``weight``: int8 [out, in] or uint8 [out, in/2]) and fp32 scales."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, group_size: Optional[int], bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        width = in_features if scheme == "int8" else in_features // 2
+        scales = (out_features,) if scheme == "int8" else (out_features, in_features // group_size)
+        self.weight = nn.Parameter(torch.zeros(out_features, width, dtype=torch.int8 if scheme == "int8" else torch.uint8), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(scales, dtype=torch.float32), requires_grad=False)
+        self.weight_min = nn.Parameter(torch.zeros(scales, dtype=torch.float32), requires_grad=False) if scheme == "int4" else None
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # a cast of the model moves these, but keeps the codes integer and the fp32 scales' own values
+        kept = [(param, param.data) for param in (self.weight, self.weight_scale, self.weight_min) if param is not None]
+        super()._apply(fn, recurse)
+        for param, value in kept:
+            if param.dtype != value.dtype:
+                param.data = value.to(param.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        # torch's CPU int8 kernel: right only for input widths that are multiples of 16 (torch 2.13), and faster
+        # than dequantizing up to ~64 rows
+        cpu_half = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+        if self.weight.dtype == torch.int8 and cpu_half and self.in_features % 16 == 0 and x.shape[0] <= 64:
+            y = torch._weight_int8pack_mm(x.contiguous(), self.weight, self.weight_scale.to(x.dtype))
+            y = y if bias is None else y + bias
+        else:
+            y = nn.functional.linear(x, _dequantize(self.weight, self.weight_scale, self.weight_min, x.dtype), bias)
+        return y.reshape(*lead, self.out_features)
+
+
+def _quantize_linears(module: nn.Module, names: tuple, scheme: str, group_size: Optional[int]) -> None:
+    """Replace ``module``'s ``nn.Linear`` children called ``names`` by :class:`QuantizedLinear` of the same shape."""
+    for name in names:
+        linear = getattr(module, name)
+        setattr(module, name, QuantizedLinear(linear.in_features, linear.out_features, scheme, group_size, linear.bias is not None))
 
 
 class PrunedRouter(nn.Module):
@@ -166,7 +228,7 @@ class NllbMoePrunedForConditionalGeneration(NllbMoeForConditionalGeneration):
     """NLLB-MoE whose MoE layers hold only ``config.pruned_experts``, routed with fairseq's semantics."""
 
     _keep_in_fp32_modules = ["router"]
-    _keep_in_fp32_modules_strict = ["router"]
+    _keep_in_fp32_modules_strict = ["router"]  # quantized scales are created fp32 and kept so (QuantizedLinear._apply)
 
     def __init__(self, config):
         slim = copy.deepcopy(config)
@@ -183,7 +245,24 @@ class NllbMoePrunedForConditionalGeneration(NllbMoeForConditionalGeneration):
                 if getattr(layer, "is_sparse", False):
                     name = f"{side}.{number}"
                     layer.ffn = PrunedSparseMLP(config, ffn_dim, kept[name], routing.get(name))
+        quantization = getattr(config, "pruned_quantization", None)  # --quantize exports
+        if quantization:
+            self._quantize(quantization["scheme"], quantization.get("group_size"), "dense" in quantization.get("targets", []))
         self.post_init()
+
+    def _quantize(self, scheme: str, group_size: Optional[int], dense: bool) -> None:
+        """Experts' fc1/fc2 (and, ``dense``, attention projections and dense FFNs) become :class:`QuantizedLinear`."""
+        for stack in (self.model.encoder, self.model.decoder):
+            for layer in stack.layers:
+                if isinstance(layer.ffn, PrunedSparseMLP):
+                    for expert in layer.ffn.experts.values():
+                        _quantize_linears(expert, ("fc1", "fc2"), scheme, group_size)
+                elif dense:
+                    _quantize_linears(layer.ffn, ("fc1", "fc2"), scheme, group_size)
+                if dense:
+                    for attention in (layer.self_attn, getattr(layer, "cross_attention", None)):
+                        if attention is not None:
+                            _quantize_linears(attention, ("q_proj", "k_proj", "v_proj", "out_proj"), scheme, group_size)
 
     def pruned_layers(self):
         """Yield ``("encoder"|"decoder", layer number, PrunedSparseMLP)``, encoder first."""
