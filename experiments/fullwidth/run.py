@@ -98,7 +98,7 @@ class Rehearsal:
         if bound is not None:
             what, limit = bound
             record["bound"] = {"what": what, "bytes": int(limit), "met": result.peak_rss_anon_bytes <= limit}
-        if check is not None:
+        if check is not None and result.returncode == 0:
             record.update(check(result))
         self.steps.append(record)
         if result.returncode == 0:
@@ -146,8 +146,9 @@ def rehearse(work: Path, *, small: bool, threads: int, sentences: int, resume: b
 
     # 3. statistics
     stats1, stats2 = work / "stats-1proc.safetensors", work / "stats-ep2.safetensors"
-    for f in (stats1, stats2):
-        f.unlink(missing_ok=True)
+    for f, step in ((stats1, "stats teacher, 1 process"), (stats2, "stats teacher, torchrun 2 x expert-parallel 2 (gloo)")):
+        if step not in recorded:
+            f.unlink(missing_ok=True)
     data = ["--data", "experiments/testbed/data/flores", "--split", "dev", "--langs", ",".join(LANGS), "--max-sentences", str(sentences)]
     r.run("stats teacher, 1 process", cli("stats", "--model", str(hf), *data, "--out", str(stats1), "--no-progress"),
           bound=("1.05 x weights + 1 GB", 1.05 * weights + one_gb))
