@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 CLI    := $(PY) -m pruning
 OUT    ?= outputs
 
-.PHONY: setup test test-fast demo clean help
+.PHONY: setup test test-fast demo demo-record clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -26,8 +26,11 @@ test: setup ## run the whole test suite (what CI runs)
 test-fast: setup ## skip tests marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-demo: setup ## run the main path end to end on the embedded default (no downloads)
+demo: setup ## run the main path end to end on the embedded default (no downloads); results in $(OUT)/demo/demo.json
 	$(PY) -m experiments.demo --out $(OUT)/demo
+
+demo-record: setup ## the demo, also recording experiments/results/demo.json (tracked)
+	$(PY) -m experiments.demo --out $(OUT)/demo --record
 
 clean:
 	rm -rf $(OUT) .pytest_cache

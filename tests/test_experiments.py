@@ -13,7 +13,8 @@ from experiments.testbed.routing_report import jaccard_of_top_sets, specificity
 from pruning.index import ExpertIndex, layer_counts
 from pruning.topology import Topology
 
-TESTBED_MODEL = Path(__file__).resolve().parents[1] / "experiments" / "testbed" / "model"
+TESTBED = Path(__file__).resolve().parents[1] / "experiments" / "testbed"
+TESTBED_MODEL = TESTBED / "model128" if (TESTBED / "model128" / "config.json").is_file() else TESTBED / "model"
 
 
 @pytest.mark.slow
@@ -22,13 +23,18 @@ def test_demo_runs_end_to_end_on_the_testbed(tmp_path, monkeypatch):
     from experiments import demo
 
     monkeypatch.chdir(TESTBED_MODEL.parents[2])
-    assert demo.main(["--out", str(tmp_path / "demo"), "--no-record", "--directions", "3", "--sentences", "8", "--stats-sentences", "10"]) == 0
+    recorded = Path("experiments/results/demo.json")
+    before = recorded.read_bytes() if recorded.is_file() else None
+    assert demo.main(["--out", str(tmp_path / "demo"), "--model", str(TESTBED_MODEL), "--directions", "3", "--sentences", "8",
+                      "--stats-sentences", "10"]) == 0
+    assert (recorded.read_bytes() if recorded.is_file() else None) == before, "a plain demo changes no tracked file"
     result = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert result["directions"] == 3
     assert result["mean_chrf++"]["full"] > 50  # the testbed translates
     assert (tmp_path / "demo" / "pruned" / "pruning_manifest.json").is_file()
     assert json.loads((tmp_path / "demo" / "pruned-skip" / "pruning_manifest.json").read_text())["policy"]["name"] == "skip"
-    assert set(result["mean_chrf++"]) == {"full", "pruned", "pruned-skip"}
+    assert set(result["mean_chrf++"]) == {"full", "pruned", "pruned-skip", "no-experts"}
+    assert result["mean_chrf++"]["no-experts"] < result["mean_chrf++"]["full"]
     assert len(list((tmp_path / "demo" / "plots").glob("*.png"))) >= 3
 
 
