@@ -25,7 +25,14 @@ def load_runs(results: Path) -> list[dict[str, Any]]:
 
 def by_config(runs: list[dict[str, Any]]) -> dict[tuple[str, str, float], dict[str, Any]]:
     """``{(criterion, policy, pruned share): run}`` of the pruned runs."""
-    return {(r["criterion"], r["policy"], r["pruned_share"]): r for r in runs if r["policy"] != "full"}
+    return {(r["criterion"], r["policy"], r["pruned_share"]): r for r in runs if r["policy"] not in ("full", "floor")}
+
+
+def share_kept(score: float, full: dict[str, Any] | None, floor: dict[str, Any] | None) -> float | None:
+    """(score - floor) / (full - floor): the share of what the experts add over the no-expert floor."""
+    if full is None or floor is None or full["mean_chrf++"] == floor["mean_chrf++"]:
+        return None
+    return (score - floor["mean_chrf++"]) / (full["mean_chrf++"] - floor["mean_chrf++"])
 
 
 def paired(run: dict[str, Any], baseline: dict[str, Any]) -> tuple[float, int, int]:
@@ -39,7 +46,10 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def chrf_table(configs: dict[tuple[str, str, float], dict[str, Any]], *, policy: str, shares: list[float], criteria: list[str]) -> str:
+def chrf_table(
+    configs: dict[tuple[str, str, float], dict[str, Any]], *, policy: str, shares: list[float], criteria: list[str],
+    full: dict[str, Any] | None = None, floor: dict[str, Any] | None = None,
+) -> str:
     header = ["criterion"] + [f"{100 * s:.1f}% pruned" for s in shares]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for criterion in criteria:
@@ -51,7 +61,8 @@ def chrf_table(configs: dict[tuple[str, str, float], dict[str, Any]], *, policy:
                 continue
             delta = "" if base is None or (criterion, policy) == BASELINE else f" ({paired(run, base)[0]:+.1f})"
             off = run.get("mean_off_target")
-            cells.append(f"{run['mean_chrf++']:.1f}{delta}" + (f" / {off:.1f}%" if off is not None else ""))
+            share = share_kept(run["mean_chrf++"], full, floor)
+            cells.append(f"{run['mean_chrf++']:.1f}{delta}" + (f" [{share:.2f}]" if share is not None else "") + (f" / {off:.1f}%" if off is not None else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -75,7 +86,7 @@ def winners(configs: dict[tuple[str, str, float], dict[str, Any]], shares: list[
     return lines
 
 
-def plot_curves(configs: dict[tuple[str, str, float], dict[str, Any]], full: dict[str, Any] | None, out: Path) -> Path:
+def plot_curves(configs: dict[tuple[str, str, float], dict[str, Any]], full: dict[str, Any] | None, out: Path, floor: dict[str, Any] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,6 +108,8 @@ def plot_curves(configs: dict[tuple[str, str, float], dict[str, Any]], full: dic
                 axes[1, col].plot(x, [r["mean_off_target"] for _, r in points], **style)
         if full is not None:
             axes[0, col].axhline(full["mean_chrf++"], color="black", ls=":", lw=1, label="unpruned")
+        if floor is not None:
+            axes[0, col].axhline(floor["mean_chrf++"], color="red", ls="--", lw=1, label="no experts (floor)")
         axes[0, col].set_title(f"policy: {policy}")
         axes[1, col].set_xlabel("experts pruned (%)")
     axes[0, 0].set_ylabel("mean chrF++")
@@ -114,6 +127,7 @@ def report(results: Path) -> Path:
     if not runs:
         raise SystemExit(f"no runs in {results / 'runs'}: run python -m experiments.beyond.study first")
     full = next((r for r in runs if r["policy"] == "full"), None)
+    floor = next((r for r in runs if r["policy"] == "floor"), None)
     configs = by_config(runs)
     shares = sorted({k[2] for k in configs})
     criteria = sorted({k[0] for k in configs}, key=lambda c: (c != "importance", c))
@@ -132,6 +146,9 @@ def report(results: Path) -> Path:
         f"{min(r.get('date', '?') for r in runs)} to {max(r.get('date', '?') for r in runs)}.",
         "",
         f"Unpruned: {full['mean_chrf++']:.2f} chrF++, {_fmt(full.get('mean_off_target'))}% off-target." if full else "",
+        f"No experts at all (every expert output zeroed, the floor): {floor['mean_chrf++']:.2f} chrF++, "
+        f"{_fmt(floor.get('mean_off_target'))}% off-target. In brackets: the share of the experts' contribution kept, "
+        "(score - floor) / (full - floor)." if floor else "No-expert floor: not run (runs made before it was part of the grid).",
         "",
         *(["What the numbers say, and why: [FINDINGS.md](FINDINGS.md) (hand-written). Metric agreement and "
            "calibration stability: [analysis/](analysis/README.md).", ""] if (results / "FINDINGS.md").is_file() else []),
@@ -145,10 +162,10 @@ def report(results: Path) -> Path:
             parts += [
                 f"## Policy `{policy}`: mean chrF++ (difference to importance + drop, paired over directions) / off-target %",
                 "",
-                chrf_table(configs, policy=policy, shares=shares, criteria=criteria),
+                chrf_table(configs, policy=policy, shares=shares, criteria=criteria, full=full, floor=floor),
                 "",
             ]
-    plot = plot_curves(configs, full, results / "curves.png")
+    plot = plot_curves(configs, full, results / "curves.png", floor)
     parts += [f"![curves]({plot.name})", ""]
     readme = results / "README.md"
     readme.write_text("\n".join(parts))

@@ -74,22 +74,28 @@ def run_config(
         kept = {f"{s}-{t}": direction_ids(index, s, t, topology) for s, t in directions}
     decoding = DecodingOptions(beam=cfg.beam, max_length=cfg.max_new_tokens, batch_tokens=cfg.batch_tokens)
     chrf, off_target, hyps_out = {}, {}, {}
+    floor = criterion == "floor"  # every expert output zeroed: what the dense layers alone do
     for src, tgt in directions:
         key = f"{src}-{tgt}"
         sources = flores.read(src, cfg.split)[: cfg.max_sentences]
         refs = flores.read(tgt, cfg.split)[: cfg.max_sentences]
-        with direction_model(model, stats, kept.get(key), policy=policy, src=src, tgt=tgt) as pruned:
-            hyps = translate_sentences(pruned, sources, src=src, tgt=tgt, options=decoding)
+        model.set_no_experts(floor)
+        try:
+            with direction_model(model, stats, kept.get(key), policy=policy, src=src, tgt=tgt) as pruned:
+                hyps = translate_sentences(pruned, sources, src=src, tgt=tgt, options=decoding)
+        finally:
+            model.set_no_experts(False)
         chrf[key] = round(sacrebleu.corpus_chrf(hyps, [refs], word_order=2).score, 3)
         if lid is not None:
             from pruning.lid import off_target_rate
 
             off_target[key] = round(off_target_rate(lid.predict(hyps), tgt), 3)
         hyps_out[key] = hyps
-    counts = sorted({len(v) for v in kept.values()}) or [topology.num_total_experts]
+    counts = sorted({len(v) for v in kept.values()}) or [0 if floor else topology.num_total_experts]
+    unpruned = "floor" if floor else "full"
     return {
-        "criterion": criterion if keep is not None else "full",
-        "policy": policy if keep is not None else "full",
+        "criterion": criterion if keep is not None else unpruned,
+        "policy": policy if keep is not None else unpruned,
         "keep": keep,
         "enc_keep": enc_keep,
         "pruned_share": round(1 - counts[0] / topology.num_total_experts, 4),
@@ -137,8 +143,8 @@ class direction_model:
 
 
 def grid(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Every configuration: the full model, then criterion x policy x kept-experts plan."""
-    configs: list[dict[str, Any]] = [{"criterion": "full", "policy": "full", "keep": None, "enc_keep": None}]
+    """Every configuration: the full model, the no-expert floor, then criterion x policy x kept-experts plan."""
+    configs: list[dict[str, Any]] = [{"criterion": name, "policy": name, "keep": None, "enc_keep": None} for name in ("full", "floor")]
     for plan in cfg.plans:
         for policy in cfg.policies:
             for criterion in cfg.criteria:
@@ -148,7 +154,7 @@ def grid(cfg: DictConfig) -> list[dict[str, Any]]:
 
 def run_name(config: dict[str, Any]) -> str:
     if config["keep"] is None:
-        return "full"
+        return config["criterion"]  # full, floor
     return f"{config['criterion']}-{config['policy']}-keep{config['keep']}"
 
 

@@ -61,7 +61,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     options.validate()
     kept: dict[str, list[int]] | None = None
     selection_summary: list[str] = []
-    if cfg.baseline != "full":
+    if cfg.baseline == "floor":
+        model.set_no_experts(True)  # every expert output zeroed: what the dense layers alone do
+    elif cfg.baseline != "full":
         stats = RoutingStats.load(cfg.stats)
         selection = select_experts(stats, options, expect_topology=topology)
         selection_summary = selection.summary()
@@ -77,7 +79,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         refs = flores.read(tgt, cfg.split)[: cfg.max_sentences]
         hyps = translate_sentences(model, sources, src=src, tgt=tgt, options=decoding)
         scores[f"{src}-{tgt}"] = round(sacrebleu.corpus_chrf(hyps, [refs], word_order=2).score, 3)
-    kept_counts = sorted({len(v) for v in kept.values()}) if kept else [topology.num_total_experts]
+    kept_counts = sorted({len(v) for v in kept.values()}) if kept else [0 if cfg.baseline == "floor" else topology.num_total_experts]
     row = {
         "study": cfg.study,
         "baseline": cfg.baseline,
@@ -92,7 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "split": cfg.split,
         "selection": selection_summary,
         "model": cfg.model,
-        "stats": cfg.stats if cfg.baseline != "full" else None,
+        "stats": cfg.stats if cfg.baseline not in ("full", "floor") else None,
         "seconds": round(time.time() - started, 1),
     }
     name = hashlib.sha1(json.dumps([row["study"], row["baseline"], row["select"], cfg.seed], sort_keys=True).encode()).hexdigest()[:10]

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Testbed routing specificity (k = {args.k} of {experts} experts per layer)", "",
              f"Statistics `{args.stats}` (teacher forcing on dev). Share of a language's top-1 assignments taken by its own "
              f"{args.k} most used experts, by the {args.k} experts most used over all languages, and uniform {args.k}/{experts}. "
-             f"Mean over the side's MoE layers. Command: `python -m experiments.testbed.routing_report --stats {args.stats}`.", ""]
+             f"Mean over the side's MoE layers. Command: `python -m experiments.testbed.routing_report --stats {args.stats} --k {args.k}`.", ""]
     for side, name in (("enc", "encoder (language as source)"), ("dec", "decoder (language as target)")):
         rows = specificity(by_side[side], k=args.k)
         jac = jaccard_of_top_sets(by_side[side], k=args.k)
