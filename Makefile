@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 CLI    := $(PY) -m pruning
 OUT    ?= outputs
 
-.PHONY: setup test test-fast demo demo-record clean help
+.PHONY: setup test test-fast lint demo demo-record clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -20,8 +20,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## create .venv with the pinned CPU-sized dependencies
 
-test: setup ## run the whole test suite (what CI runs)
+test: setup ## run the whole test suite (what CI runs, after make lint)
 	$(PY) -m pytest -q
+
+lint: setup ## ruff (lint + format check) and mypy over pruning/ and metrics/
+	$(VENV)/bin/ruff check pruning metrics experiments tests
+	$(VENV)/bin/ruff format --check pruning metrics experiments tests
+	$(VENV)/bin/mypy
 
 test-fast: setup ## skip tests marked slow
 	$(PY) -m pytest -q -m "not slow"

@@ -8,11 +8,13 @@ MODEL=experiments/testbed/model128
 LANGS=qbe_Latn,qbo_Latn,qbr_Cyrl,qen_Latn,qka_Cyrl,qkl_Latn,qko_Cyrl,qmi_Latn,qta_Grek,qti_Grek
 $PY -m pruning stats --model $MODEL --data experiments/testbed/data/flores --split dev --langs $LANGS \
     --out outputs/testbed128-stats.safetensors --resume --no-progress
-CONFIG=study128 RATIO=0.8 RATIOS=0.5,0.688,0.8,0.906 bash experiments/paper/run_studies.sh
+CONFIG=study128 RATIO=0.8 RATIOS=0.5,0.8,0.906 bash experiments/paper/run_studies.sh
 $PY -m experiments.paper.report --results experiments/results/paper128
 $PY -m pruning stats --model $MODEL --data experiments/testbed/data/flores --split dev --langs $LANGS --expert-outputs \
     --out outputs/testbed128-stats-outputs.safetensors --resume --no-progress
 $PY -m experiments.beyond.study --config-name study128 hydra.run.dir=outputs/hydra/beyond128
+$PY -m experiments.beyond.study --config-name study128 'criteria=[importance]' 'policies=[substitute,merge]' \
+    'plans=[{keep: 192, enc_keep: 144}]' hydra.run.dir=outputs/hydra/beyond128
 $PY -m experiments.beyond.report --results experiments/results/beyond128
 $PY -m experiments.beyond.study --config-name study128 granularity=global results=experiments/results/beyond128/global \
     hypotheses=outputs/beyond128/global-hypotheses 'criteria=[importance]' 'policies=[drop,skip]' hydra.run.dir=outputs/hydra/beyond128-global
