@@ -96,21 +96,53 @@ def main(argv: list[str] | None = None) -> int:
 
     step(1, total, f"routing statistics by teacher forcing on dev ({len(langs)} languages, all directions)")
     stats = out / "stats.safetensors"
-    run_cli("stats", "--model", str(model), "--data", str(flores), "--split", "dev", "--langs", ",".join(langs),
-            "--max-sentences", str(args.stats_sentences), "--out", str(stats), "--no-progress")
+    run_cli(
+        "stats",
+        "--model",
+        str(model),
+        "--data",
+        str(flores),
+        "--split",
+        "dev",
+        "--langs",
+        ",".join(langs),
+        "--max-sentences",
+        str(args.stats_sentences),
+        "--out",
+        str(stats),
+        "--no-progress",
+    )
 
     step(2, total, f"select: importance, fixed per layer, 3:1, per language, --ratio {ratio}")
     experts = out / "experts.json"
-    run_cli("select", "--stats", str(stats), "--metric", "importance", "--strategy", "per-layer", "--ratio", ratio,
-            "--enc-dec", "3:1", "--granularity", "lang", "--min-per-layer", min_per_layer, "--out", str(experts))
+    run_cli(
+        "select",
+        "--stats",
+        str(stats),
+        "--metric",
+        "importance",
+        "--strategy",
+        "per-layer",
+        "--ratio",
+        ratio,
+        "--enc-dec",
+        "3:1",
+        "--granularity",
+        "lang",
+        "--min-per-layer",
+        min_per_layer,
+        "--out",
+        str(experts),
+    )
 
     step(3, total, "export one pruned checkpoint serving every direction (each routes over its own experts)")
     pruned = out / "pruned"
     run_cli("export", "--model", str(model), "--experts", str(experts), "--langs", ",".join(langs), "--out", str(pruned), "--dtype", "bf16")
     run_cli("info", str(pruned))
     skipped = out / "pruned-skip"  # the same experts; a token routed to a pruned one gets nothing from it
-    run_cli("export", "--model", str(model), "--experts", str(experts), "--langs", ",".join(langs), "--out", str(skipped),
-            "--dtype", "bf16", "--policy", "skip")
+    run_cli(
+        "export", "--model", str(model), "--experts", str(experts), "--langs", ",".join(langs), "--out", str(skipped), "--dtype", "bf16", "--policy", "skip"
+    )
 
     step(4, total, "translate a few sentences with the pruned model")
     src, tgt = evaluated[0]
@@ -118,14 +150,51 @@ def main(argv: list[str] | None = None) -> int:
     from pruning.data.flores import FloresDir
 
     sample.write_text("\n".join(FloresDir(flores).read(src, "devtest")[:3]) + "\n")
-    run_cli("translate", "--model", str(pruned), "--src", src, "--tgt", tgt, "--input", str(sample),
-            "--output", str(out / "sample.hyp"), "--beam", "2", "--max-length", max_length, "--device", "cpu", "--dtype", "fp32")
+    run_cli(
+        "translate",
+        "--model",
+        str(pruned),
+        "--src",
+        src,
+        "--tgt",
+        tgt,
+        "--input",
+        str(sample),
+        "--output",
+        str(out / "sample.hyp"),
+        "--beam",
+        "2",
+        "--max-length",
+        max_length,
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+    )
     for line_in, line_out in zip(sample.read_text().splitlines(), (out / "sample.hyp").read_text().splitlines()):
         print(f"  {src}: {line_in}\n  {tgt}: {line_out}")
 
     step(5, total, f"evaluate full, pruned (drop, skip) and no experts at all: {len(evaluated)} directions x {args.sentences} devtest sentences, chrF++")
-    common = ["--data", str(flores), "--split", "devtest", "--pairs", pairs, "--max-sentences", str(args.sentences),
-              "--beam", "2", "--max-length", max_length, "--device", "cpu", "--dtype", "fp32", "--spm", "none"]
+    common = [
+        "--data",
+        str(flores),
+        "--split",
+        "devtest",
+        "--pairs",
+        pairs,
+        "--max-sentences",
+        str(args.sentences),
+        "--beam",
+        "2",
+        "--max-length",
+        max_length,
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--spm",
+        "none",
+    ]
     lid = TESTBED / "lid.json"
     if not args.tiny and model.parent == TESTBED and lid.is_file():
         common += ["--lid", str(lid)]  # off-target rate (the tiny fixture's languages are not the identifier's)
@@ -146,14 +215,26 @@ def main(argv: list[str] | None = None) -> int:
     if "--lid" in common:
         off_target = {name: round(sum(scores[name][d]["off_target"] for d in rows) / len(rows), 2) for name in COLUMNS}
     result = {
-        "model": str(model), "experts": str(experts), "selection": f"importance, per-layer, 3:1, per language, ratio {ratio}",
-        "columns": {"pruned": "export --policy drop (the paper's)", "pruned-skip": "export --policy skip",
-                    "no-experts": "the full model with every expert output zeroed (evaluate --zero-experts): the floor"},
-        "directions": len(rows), "sentences": args.sentences, "beam": 2, "metric": "chrF++ (sacrebleu, word_order=2)",
-        "mean_chrf++": mean, "chrf++": rows, "seconds": round(time.time() - started, 1),
+        "model": str(model),
+        "experts": str(experts),
+        "selection": f"importance, per-layer, 3:1, per language, ratio {ratio}",
+        "columns": {
+            "pruned": "export --policy drop (the paper's)",
+            "pruned-skip": "export --policy skip",
+            "no-experts": "the full model with every expert output zeroed (evaluate --zero-experts): the floor",
+        },
+        "directions": len(rows),
+        "sentences": args.sentences,
+        "beam": 2,
+        "metric": "chrF++ (sacrebleu, word_order=2)",
+        "mean_chrf++": mean,
+        "chrf++": rows,
+        "seconds": round(time.time() - started, 1),
         **({"mean_off_target_%": off_target, "lid": str(TESTBED / "lid.json")} if off_target else {}),
         "command": "make demo (" + " ".join(["python -m experiments.demo", *sys.argv[1:]]) + ")",
-        "device": "cpu", "versions": versions(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "device": "cpu",
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     if args.record and not args.tiny:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

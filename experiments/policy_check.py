@@ -51,7 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     ef.flores_dir(root / "flores", lines=args.lines)
     stats = root / "stats.safetensors"
     langs = ",".join(ef.LANGS)
-    if cli(["stats", "--model", str(hf), "--data", str(root / "flores"), "--split", "dev", "--langs", langs, "--expert-outputs", "--out", str(stats), "--no-progress"]):
+    if cli(
+        [
+            "stats",
+            "--model",
+            str(hf),
+            "--data",
+            str(root / "flores"),
+            "--split",
+            "dev",
+            "--langs",
+            langs,
+            "--expert-outputs",
+            "--out",
+            str(stats),
+            "--no-progress",
+        ]
+    ):
         return 1
     full = load_model(hf)
     ef.write_lang_index(root / "experts.json", full.topology, enc=args.keep, dec=args.keep)

@@ -41,8 +41,7 @@ def _need(c: Counters, *names: str) -> None:
     missing = [name for name in names if name not in c]
     if missing:
         raise MetricError(
-            f"these statistics have no expert-output counters ({', '.join(missing)} missing): they were collected "
-            f"without --expert-outputs; {_HOW}"
+            f"these statistics have no expert-output counters ({', '.join(missing)} missing): they were collected without --expert-outputs; {_HOW}"
         )
 
 

@@ -89,16 +89,12 @@ def compute_metric(name: str, counters: Counters, *, where: str = "statistics") 
     empty = [int(i) for i in torch.nonzero(tokens <= 0).flatten()]
     if empty:
         raise MetricError(
-            f"{where}: no tokens were routed in MoE layer(s) {empty} (of {tokens.numel()}); "
-            f"metrics are defined over tokens, so this direction cannot be scored"
+            f"{where}: no tokens were routed in MoE layer(s) {empty} (of {tokens.numel()}); metrics are defined over tokens, so this direction cannot be scored"
         )
     try:
         score = metric.fn(c)
     except KeyError as exc:
-        raise MetricError(
-            f"{where}: metric {name!r} needs counter {exc.args[0]!r}, which these statistics lack "
-            f"(present: {sorted(counters)})"
-        ) from None
+        raise MetricError(f"{where}: metric {name!r} needs counter {exc.args[0]!r}, which these statistics lack (present: {sorted(counters)})") from None
     n_layers = tokens.shape[0]
     if score.dim() != 2 or score.shape[0] != n_layers:
         raise MetricError(f"metric {name!r} returned shape {tuple(score.shape)}, expected ({n_layers}, experts)")

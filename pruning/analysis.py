@@ -38,7 +38,6 @@ from pruning.select import KeepPlan, SelectOptions, Unit, plan_keep, plan_units,
 from pruning.stats.counters import RoutingStats
 
 
-
 class AnalysisError(UserError):
     """An analysis cannot run on the given statistics or settings."""
 
@@ -98,8 +97,11 @@ def restrict_directions(stats: RoutingStats, directions: Sequence[str]) -> Routi
         )
     keep = list(dict.fromkeys(directions))
     return RoutingStats(
-        stats.topology, {d: stats.counters[d] for d in keep}, stats.info,
-        {d: stats.chunks[d] for d in keep if d in stats.chunks}, stats.chunk_sentences,
+        stats.topology,
+        {d: stats.counters[d] for d in keep},
+        stats.info,
+        {d: stats.chunks[d] for d in keep if d in stats.chunks},
+        stats.chunk_sentences,
     )
 
 
@@ -189,10 +191,17 @@ def compare_metrics(stats: RoutingStats, options: SelectOptions, metrics: Sequen
                 jac = jaccard(masks[a][side], masks[b][side])  # [L]
                 layers = topology.moe_layers(long_side(side))
                 for row, layer in enumerate(layers):
-                    rows.append({
-                        "unit": unit.key, "side": side, "layer": layer, "metric_a": a, "metric_b": b,
-                        "spearman": float(rho[row]), "jaccard": float(jac[row]),
-                    })
+                    rows.append(
+                        {
+                            "unit": unit.key,
+                            "side": side,
+                            "layer": layer,
+                            "metric_a": a,
+                            "metric_b": b,
+                            "spearman": float(rho[row]),
+                            "jaccard": float(jac[row]),
+                        }
+                    )
     return Agreement(list(metrics), rows, plan)
 
 
@@ -211,7 +220,13 @@ class Stability:
 
 
 def stability(
-    stats: RoutingStats, options: SelectOptions, *, samples: int = 200, seed: int = 0, threshold: float = 0.9, progress: bool = True,
+    stats: RoutingStats,
+    options: SelectOptions,
+    *,
+    samples: int = 200,
+    seed: int = 0,
+    threshold: float = 0.9,
+    progress: bool = True,
 ) -> Stability:
     """Bootstrap the chunks of every entry of ``stats`` (see the module docstring)."""
     if samples < 1:
@@ -237,7 +252,14 @@ def stability(
 
 
 def _unit_stability(
-    stats: RoutingStats, unit: Unit, plan: KeepPlan, options: SelectOptions, *, samples: int, seed: int, chunk_sentences: int,
+    stats: RoutingStats,
+    unit: Unit,
+    plan: KeepPlan,
+    options: SelectOptions,
+    *,
+    samples: int,
+    seed: int,
+    chunk_sentences: int,
 ) -> list[dict[str, Any]]:
     ids, sentences = _shared_chunks(stats, unit)  # [N], [N]
     n = len(ids)
@@ -250,11 +272,18 @@ def _unit_stability(
         masks = _sample_masks(stats, unit, plan, options, weights)  # {side: [S, L, E]}
         for side, mask in masks.items():
             similarity = jaccard(mask, full[side].expand_as(mask), dims=2).numpy()  # [S]
-            rows.append({
-                "unit": unit.key, "side": side, "chunks": m, "sentences": m * chunk_sentences,
-                "sentences_mean": float((weights @ sentences).mean()),
-                "mean": float(similarity.mean()), "p5": float(np.percentile(similarity, 5)), "p95": float(np.percentile(similarity, 95)),
-            })
+            rows.append(
+                {
+                    "unit": unit.key,
+                    "side": side,
+                    "chunks": m,
+                    "sentences": m * chunk_sentences,
+                    "sentences_mean": float((weights @ sentences).mean()),
+                    "mean": float(similarity.mean()),
+                    "p5": float(np.percentile(similarity, 5)),
+                    "p95": float(np.percentile(similarity, 95)),
+                }
+            )
     return rows
 
 
@@ -283,8 +312,9 @@ def _sample_masks(stats: RoutingStats, unit: Unit, plan: KeepPlan, options: Sele
             flat = aggregate_metric(options.metric, sides, how=options.aggregate)  # type: ignore[arg-type]  # [S*L, E]
         except MetricError as exc:
             raise AnalysisError(
-                f"{exc} (chunks hold the [L] and [L, E] counters, not out_sum, coact or max_abs, so metric {options.metric!r} "
-                "cannot be resampled)" if "needs counter" in str(exc) else str(exc)
+                f"{exc} (chunks hold the [L] and [L, E] counters, not out_sum, coact or max_abs, so metric {options.metric!r} cannot be resampled)"
+                if "needs counter" in str(exc)
+                else str(exc)
             ) from None
         scores[side] = flat.reshape(samples, -1, flat.shape[-1])  # [S, L, E]
     if plan.per_layer is not None:  # the default strategy: every sample and layer at once
@@ -319,13 +349,16 @@ def _enough(rows: list[dict[str, Any]], *, threshold: float) -> list[dict[str, A
             if r["mean"] < threshold:
                 break
             reached = r
-        out.append({
-            "unit": unit, "side": side,
-            "chunks": reached["chunks"] if reached else None, "sentences": reached["sentences"] if reached else None,
-            "of_chunks": curve[-1]["chunks"],
-        })
+        out.append(
+            {
+                "unit": unit,
+                "side": side,
+                "chunks": reached["chunks"] if reached else None,
+                "sentences": reached["sentences"] if reached else None,
+                "of_chunks": curve[-1]["chunks"],
+            }
+        )
     return out
-
 
 
 def rows_tsv(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from pruning.data.directions import split_direction
+from pruning.errors import UserError
 from pruning.model.identity import model_identity
 from pruning.versions import versions as package_versions
-from pruning.errors import UserError
 
 SPM_CHOICES = ("flores200", "flores101", "none")
 SPM_LABEL = {"flores200": "SPM-200", "flores101": "SPM-100"}
@@ -351,7 +351,13 @@ def evaluate_model(
             references = flores.read(tgt, split)[:max_sentences]
             name = flores.path(src, split)
             hypotheses = translate_sentences(
-                model, sources, src=src, tgt=tgt, options=options, progress=progress, long_input=long_input,
+                model,
+                sources,
+                src=src,
+                tgt=tgt,
+                options=options,
+                progress=progress,
+                long_input=long_input,
                 line_name=lambda i, name=name: f"{name}:{i + 1}",  # type: ignore[misc]
             )
             (staged / f"{src}-{tgt}.txt").write_text("".join(f"{h}\n" for h in hypotheses), encoding="utf-8")
@@ -364,8 +370,16 @@ def evaluate_model(
             shown = "" if lid is None else f"\toff-target {_fmt(score.off_target)}%"
             log(f"{score.direction}\tspBLEU {_fmt(score.spbleu)}\tchrF++ {_fmt(score.chrf)}{shown}")
         summary = build_summary(
-            model, scores, scorer=scorer, options=options, split=split, data=flores.root, max_sentences=max_sentences,
-            model_path=model_path, hypotheses=hyp_dir, lid=lid,
+            model,
+            scores,
+            scorer=scorer,
+            options=options,
+            split=split,
+            data=flores.root,
+            max_sentences=max_sentences,
+            model_path=model_path,
+            hypotheses=hyp_dir,
+            lid=lid,
         )
         if long_input != "error":
             summary["settings"]["long_input"] = long_input
@@ -391,7 +405,13 @@ def check_data(data: str | os.PathLike[str], *, split: str, directions: Sequence
 
 
 def check_model_serves(
-    model: Any, directions: Sequence[tuple[str, str]], *, flores: Any, split: str, max_sentences: Optional[int], long_input: str,
+    model: Any,
+    directions: Sequence[tuple[str, str]],
+    *,
+    flores: Any,
+    split: str,
+    max_sentences: Optional[int],
+    long_input: str,
 ) -> None:
     """Every direction is one the model serves (an export's manifest), with codes its tokenizer knows and
     sources that fit its positions (with ``long_input`` error): checked before anything is translated."""
@@ -415,7 +435,7 @@ def check_model_serves(
         sources = flores.read(src, split)[:max_sentences]
         encoded = tokenizer(sources, add_special_tokens=True, verbose=False)["input_ids"] if sources else []
         name = flores.path(src, split)
-        fit_sources(encoded, limit=limit, long_input="error", tokenizer=tokenizer, where=lambda i: f"{name}:{i + 1}", warn=lambda _: None)
+        fit_sources(encoded, limit=limit, long_input="error", tokenizer=tokenizer, where=lambda i, name=name: f"{name}:{i + 1}", warn=lambda _: None)
 
 
 def _fresh_directory(path: Path) -> None:
@@ -523,5 +543,3 @@ def check_lid_targets(lid: Any, targets: Sequence[str]) -> None:
             f"--lid {identity['path']}: target language(s) {unknown} are not among the {len(known)} languages it "
             f"identifies ({', '.join(sorted(known)[:20])}{' ...' if len(known) > 20 else ''})"
         )
-
-

@@ -55,10 +55,10 @@ from pruning.checkpoint import keymap
 from pruning.checkpoint.convert import copy_tokenizer, stream_entries, write_config
 from pruning.checkpoint.reader import CheckpointReader, Entry, open_checkpoint
 from pruning.checkpoint.writer import DEFAULT_SHARD_BYTES, atomic_directory
+from pruning.data.directions import ANY_DIRECTION, Direction, direction_key
 from pruning.data.languages import check_code_form
 from pruning.errors import UserError
 from pruning.index import ExpertIndex, LayerExperts, experts_for_direction, read_index, validate_index, write_index
-from pruning.data.directions import ANY_DIRECTION, Direction, direction_key
 from pruning.manifest import (
     DROP,
     build_manifest,
@@ -167,7 +167,8 @@ def check_available(plan: ExportPlan, reader: CheckpointReader) -> None:
     if problems:
         pruned = " (it is itself a pruned export)" if reader.manifest is not None else ""
         raise ExportError(
-            f"the expert index keeps experts that the model at {reader.path}{pruned} does not hold: " + "; ".join(problems[:6])
+            f"the expert index keeps experts that the model at {reader.path}{pruned} does not hold: "
+            + "; ".join(problems[:6])
             + (f"; and {len(problems) - 6} more layer(s)" if len(problems) > 6 else "")
         )
 
@@ -251,7 +252,7 @@ def _with_quantized(reader: CheckpointReader, spec: Optional[QuantSpec], transfo
             entries.append(entry)
             continue
         for name, (shape, dtype) in spec.stored(entry.name, tuple(entry.tensor.shape)).items():
-            part = _QuantPart(entry, name[len(entry.name):], shape, dtype, cache)
+            part = _QuantPart(entry, name[len(entry.name) :], shape, dtype, cache)
             entries.append(Entry(name, part, entry.file, entry.source_key))  # type: ignore[arg-type]
     return dataclasses.replace(reader, _entries=entries)
 
@@ -373,14 +374,22 @@ def export_checkpoint(
         return merge_tensor(parts())
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
+
         def output_shape(entry: Entry) -> tuple[int, ...]:
             router = keymap.parse_router_key(entry.name)
             return (len(rows[router]), *entry.tensor.shape[1:]) if router is not None else tuple(entry.tensor.shape)  # quantized parts: theirs
 
         source = _with_quantized(_ordered(_with_constants(reader, policy_plan)), quantize, transform)
         shards = stream_entries(
-            source, tmp, dtype=target_dtype, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
-            transform=transform, output_shape=output_shape, skip=skip, progress=progress, desc="exporting",
+            source,
+            tmp,
+            dtype=target_dtype,
+            max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
+            transform=transform,
+            output_shape=output_shape,
+            skip=skip,
+            progress=progress,
+            desc="exporting",
         )
         directions_ids = {key: plan.global_ids(key) for key in plan.directions}
         remote = {
@@ -469,4 +478,3 @@ def policy_summary(manifest: Mapping[str, Any]) -> str:
     by = [rule for entry in layers for rule in entry.get("by", [])]
     counts = ", ".join(f"{rule} {by.count(rule)}" for rule in sorted(set(by)))
     return f"merge ({rows} experts folded into kept ones, weights by {manifest['policy'].get('frequency')}; chosen by {counts})"
-

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 from pruning.atomic import read_json, write_text
-from pruning.errors import UserError
 from pruning.data.directions import SIDES, Direction, Side, split_direction
+from pruning.errors import UserError
 from pruning.topology import NLLB_MOE_54B, Topology
 
 IndexKind = Literal["all", "pair", "lang"]
@@ -150,14 +150,9 @@ def validate_index(
                 continue
             for layer, count in side_counts.items():
                 if per_layer is not None and side in per_layer and count != per_layer[side]:
-                    raise ExpertIndexError(
-                        f"{label} keeps {count} expert(s) in {side} layer {layer}, expected {per_layer[side]}"
-                    )
+                    raise ExpertIndexError(f"{label} keeps {count} expert(s) in {side} layer {layer}, expected {per_layer[side]}")
                 if count < min_per_layer:
-                    raise ExpertIndexError(
-                        f"{label} keeps {count} expert(s) in {side} layer {layer}; every kept MoE layer needs at "
-                        f"least {min_per_layer}"
-                    )
+                    raise ExpertIndexError(f"{label} keeps {count} expert(s) in {side} layer {layer}; every kept MoE layer needs at least {min_per_layer}")
     if index.kind == "lang" and all(not ids for ids in index.entries.values()):
         raise ExpertIndexError(f"{what}: every language entry is empty")
 
@@ -189,16 +184,12 @@ def direction_ids(index: ExpertIndex, src: str, tgt: str, topology: Topology = N
     return sorted(enc + dec)
 
 
-def experts_for_direction(
-    index: ExpertIndex, src: str, tgt: str, topology: Topology = NLLB_MOE_54B
-) -> LayerExperts:
+def experts_for_direction(index: ExpertIndex, src: str, tgt: str, topology: Topology = NLLB_MOE_54B) -> LayerExperts:
     """``{(side, layer): sorted expert indices}`` kept for ``src-tgt``, every MoE layer present."""
     return _by_layer(direction_ids(index, src, tgt, topology), topology)
 
 
-def union_for_directions(
-    index: ExpertIndex, directions: Iterable[str | tuple[str, str]], topology: Topology = NLLB_MOE_54B
-) -> LayerExperts:
+def union_for_directions(index: ExpertIndex, directions: Iterable[str | tuple[str, str]], topology: Topology = NLLB_MOE_54B) -> LayerExperts:
     """Like :func:`experts_for_direction`, the union over ``directions`` (``"src-tgt"`` or ``(src, tgt)``)."""
     ids: set[int] = set()
     count = 0
@@ -223,9 +214,7 @@ def _lang_entry(index: ExpertIndex, lang: str, *, role: str) -> tuple[int, ...]:
     if lang not in index.entries:
         close = difflib.get_close_matches(lang, index.keys, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ExpertIndexError(
-            f"{role} language {lang!r} is not in the expert index{hint}; {_known('languages', index.keys)}"
-        )
+        raise ExpertIndexError(f"{role} language {lang!r} is not in the expert index{hint}; {_known('languages', index.keys)}")
     return index.entries[lang]
 
 

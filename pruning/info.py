@@ -73,16 +73,15 @@ def format_description(info: dict[str, Any]) -> str:
         f"vocab {t['vocab_size']}, {t['num_experts']} experts per MoE layer",
         f"MoE layers   encoder {info['moe_layers']['encoder']}, decoder {info['moe_layers']['decoder']}",
         f"experts      {info['experts_kept']} of {info['experts_total']} held",
-        f"params       dense {info['params']['dense'] / 1e6:,.2f}M + experts {info['params']['experts'] / 1e6:,.2f}M "
-        f"= {info['params']['total'] / 1e6:,.2f}M",
-        f"bytes        dense {gib(info['bytes']['dense']):.3f} GiB + experts {gib(info['bytes']['experts']):.3f} GiB "
-        f"= {gib(info['bytes']['total']):.3f} GiB",
+        f"params       dense {info['params']['dense'] / 1e6:,.2f}M + experts {info['params']['experts'] / 1e6:,.2f}M = {info['params']['total'] / 1e6:,.2f}M",
+        f"bytes        dense {gib(info['bytes']['dense']):.3f} GiB + experts {gib(info['bytes']['experts']):.3f} GiB = {gib(info['bytes']['total']):.3f} GiB",
     ]
     if info.get("quantization"):
         from pruning.quant import QuantSpec
 
         lines.append(f"quantized    {QuantSpec.from_record(info['quantization']).describe()}; other tensors {info['dtype']}, routers fp32")
     lines.append("per MoE layer (experts, params):")
+
     def layer_order(name: str) -> tuple[int, int]:
         side, layer = name.split(".")
         return (0 if side == "encoder" else 1, int(layer))
@@ -105,7 +104,9 @@ def _manifest_lines(manifest: dict[str, Any]) -> list[str]:
         lines.append(f"index        {index.get('file')} ({index.get('kind')}, sha256 {str(index.get('sha256'))[:16]})")
     selection = manifest.get("selection") or {}
     if isinstance(selection.get("options"), dict):
-        options = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(selection["options"].items()) if v not in (None, [], ""))
+        options = " ".join(
+            f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(selection["options"].items()) if v not in (None, [], "")
+        )
         lines.append(f"selection    {selection.get('command', '?')}: {options}")
     elif selection:
         lines.append(f"selection    {', '.join(f'{k}={v}' for k, v in sorted(selection.items()))}")

@@ -162,10 +162,17 @@ class NaiveBayesLid:
             nonzero = np.nonzero(self.counts[c])[0]
             sparse[code] = [nonzero.tolist(), self.counts[c, nonzero].tolist()]
         return {
-            "format": NB_FORMAT, "version": NB_VERSION, "ngram_range": list(self.ngram_range), "alpha": self.alpha,
-            "prior": "uniform", "normalisation": "NFC, casefold, single spaces, a space at each end",
-            "languages": list(self.codes), "sentences": self.sentences, "source": self.source,
-            "vocab": list(self.vocab), "counts": sparse,
+            "format": NB_FORMAT,
+            "version": NB_VERSION,
+            "ngram_range": list(self.ngram_range),
+            "alpha": self.alpha,
+            "prior": "uniform",
+            "normalisation": "NFC, casefold, single spaces, a space at each end",
+            "languages": list(self.codes),
+            "sentences": self.sentences,
+            "source": self.source,
+            "vocab": list(self.vocab),
+            "counts": sparse,
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -260,8 +267,14 @@ def _read_naive_bayes(path: Path, text: str) -> NaiveBayesLid:
             raise bad(f"counts of {code}: negative count")
         matrix[c, idx] = values
     return NaiveBayesLid(
-        tuple(codes), tuple(vocab), matrix, (rng[0], rng[1]), float(data["alpha"]), dict(data.get("sentences") or {}),
-        dict(data.get("source") or {}), path=path,
+        tuple(codes),
+        tuple(vocab),
+        matrix,
+        (rng[0], rng[1]),
+        float(data["alpha"]),
+        dict(data.get("sentences") or {}),
+        dict(data.get("source") or {}),
+        path=path,
     )
 
 
@@ -275,9 +288,7 @@ class FastTextLid:
         try:
             import fasttext  # optional dependency
         except ImportError:
-            raise LidError(
-                f"{path} is a fastText model; reading it needs the optional package fasttext, which is not installed: {INSTALL_HINT}"
-            ) from None
+            raise LidError(f"{path} is a fastText model; reading it needs the optional package fasttext, which is not installed: {INSTALL_HINT}") from None
         self.path = path
         try:
             self.model = fasttext.load_model(str(path))
@@ -341,9 +352,7 @@ def load_lid(path: str | os.PathLike[str]) -> LanguageIdentifier:
 
 
 # ---- training data and accuracy ------------------------------------------------------------------------
-def read_language_texts(
-    data: str | os.PathLike[str], *, split: str, langs: Sequence[str] = (), max_sentences: Optional[int] = None
-) -> dict[str, list[str]]:
+def read_language_texts(data: str | os.PathLike[str], *, split: str, langs: Sequence[str] = (), max_sentences: Optional[int] = None) -> dict[str, list[str]]:
     """``{code: sentences}`` from a FLORES-layout directory (``{split}/{code}.{split}``; all languages by default).
 
     The files of a split need not be line-aligned here (the testbed's ``train/`` holds fewer lines for a

@@ -162,7 +162,9 @@ def _acquire(path: Path, *, output: Path, command: str, flag: str) -> int:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise OutputError(f"{flag} {output} is being written by {describe_holder(holder)} (lock {path}); wait for it to end, or choose another {flag}") from None
+            raise OutputError(
+                f"{flag} {output} is being written by {describe_holder(holder)} (lock {path}); wait for it to end, or choose another {flag}"
+            ) from None
         if _same_file(fd, path):
             break
         os.close(fd)  # the previous holder removed the file between our open and our lock: start again

@@ -49,8 +49,8 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 
 from pruning.atomic import write_text
-from pruning.errors import UserError
 from pruning.data.directions import ANY_DIRECTION, Side, direction_key, split_direction
+from pruning.errors import UserError
 from pruning.topology import Topology
 
 MANIFEST_NAME = "pruning_manifest.json"
@@ -266,8 +266,6 @@ def manifest_topology(manifest: Mapping[str, Any]) -> Topology:
     return Topology.from_dict(dict(manifest["topology"]))
 
 
-
-
 def direction_experts(manifest: Mapping[str, Any], src: str, tgt: str) -> LayerExperts:
     """``{(side, layer): sorted expert indices}`` that direction ``src-tgt`` routes over."""
     directions = manifest["directions"]
@@ -280,8 +278,7 @@ def direction_experts(manifest: Mapping[str, Any], src: str, tgt: str) -> LayerE
         known = sorted(directions)
         shown = ", ".join(known[:20]) + (f" ... ({len(known)} in all)" if len(known) > 20 else "")
         raise ManifestError(
-            f"direction {key!r} is not served by this export; it serves: {shown} "
-            f"(export again with the directions you need, e.g. --langs {src},{tgt})"
+            f"direction {key!r} is not served by this export; it serves: {shown} (export again with the directions you need, e.g. --langs {src},{tgt})"
         )
     topology = manifest_topology(manifest)
     out: LayerExperts = {(side, layer): [] for _, side, layer in topology.iter_moe_layers()}

@@ -108,8 +108,13 @@ class Workload:
     def validate(self) -> None:
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"--dtype must be one of bf16, fp16, fp32, got {self.dtype!r}")
-        for flag, value in (("--batch-tokens", self.batch_tokens), ("--batch", self.batch), ("--beam", self.beam),
-                            ("--src-len", self.src_len), ("--max-length", self.max_length)):
+        for flag, value in (
+            ("--batch-tokens", self.batch_tokens),
+            ("--batch", self.batch),
+            ("--beam", self.beam),
+            ("--src-len", self.src_len),
+            ("--max-length", self.max_length),
+        ):
             if value < 1:
                 raise PlanError(f"{flag} must be a positive integer, got {value}")
         self.quant_spec()
@@ -182,12 +187,16 @@ def plan_statistics(topology: Topology, hardware: Hardware, workload: Workload) 
 
     def rank(size: int) -> Part:
         held = math.ceil(topology.num_experts / size) * topology.num_moe_layers
-        return _part(f"statistics, --expert-parallel {size}", {
-            "dense": dense_bytes(topology, item),
-            "routers (fp32, all rows)": router_bytes(topology, topology.num_experts),
-            f"experts ({held} of {topology.num_total_experts})": expert_bytes(topology, held, item),
-            f"activations ({workload.batch_tokens} tokens)": stats_activation_bytes(topology, workload.batch_tokens, item),
-        }, hardware)
+        return _part(
+            f"statistics, --expert-parallel {size}",
+            {
+                "dense": dense_bytes(topology, item),
+                "routers (fp32, all rows)": router_bytes(topology, topology.num_experts),
+                f"experts ({held} of {topology.num_total_experts})": expert_bytes(topology, held, item),
+                f"activations ({workload.batch_tokens} tokens)": stats_activation_bytes(topology, workload.batch_tokens, item),
+            },
+            hardware,
+        )
 
     needed = next((size for size in range(1, topology.num_experts + 1) if rank(size).fits), None)
     size = min(needed or hardware.devices, hardware.devices)
@@ -198,8 +207,7 @@ def plan_statistics(topology: Topology, hardware: Hardware, workload: Workload) 
         part.notes.append(f"one expert per device does not fit in {hardware.memory / GIB:.0f} GiB: the dense part alone is too large at {workload.dtype}")
     elif needed > hardware.devices:
         part.notes.append(
-            f"needs --expert-parallel {needed}: {needed} devices of {hardware.memory / GIB:.0f} GiB (torchrun over several nodes), "
-            f"or devices with more memory"
+            f"needs --expert-parallel {needed}: {needed} devices of {hardware.memory / GIB:.0f} GiB (torchrun over several nodes), or devices with more memory"
         )
     return {"expert_parallel": size, "devices_needed": needed, "largest_batch_tokens": int(largest), **_as_dict(part)}
 
@@ -224,16 +232,22 @@ def plan_model(name: str, topology: Topology, hardware: Hardware, workload: Work
             "dequantization transient": quant.dequantization_bytes(topology, item),
         }
     generation = generation_bytes(topology, workload)
-    part = _part(name, {**weights, f"generation (batch {workload.batch} x beam {workload.beam}, {workload.src_len}+{workload.max_length} tokens)": generation}, hardware)
+    part = _part(
+        name, {**weights, f"generation (batch {workload.batch} x beam {workload.beam}, {workload.src_len}+{workload.max_length} tokens)": generation}, hardware
+    )
     fixed = part.total - generation
     one = generation_bytes(topology, Workload(**{**asdict(workload), "batch": 1}))
     largest = max(0, (hardware.memory - fixed) // one) if one else 0
     if not part.fits:
         if fixed + one > hardware.memory:
             room = hardware.memory - part.bytes["runtime"] - one  # bytes the weights may take with one sentence
-            fix = "--dtype bf16 (or fp16)" if workload.dtype == "fp32" else (
-                f"prune more experts: `select --budget-gb {room / 1e9:.1f}` keeps the most that fit (weights {sum(weights.values()) / 1e9:.1f} GB, "
-                f"room {max(room, 0) / 1e9:.1f} GB; --budget-gb counts 10^9 bytes)"
+            fix = (
+                "--dtype bf16 (or fp16)"
+                if workload.dtype == "fp32"
+                else (
+                    f"prune more experts: `select --budget-gb {room / 1e9:.1f}` keeps the most that fit (weights {sum(weights.values()) / 1e9:.1f} GB, "
+                    f"room {max(room, 0) / 1e9:.1f} GB; --budget-gb counts 10^9 bytes)"
+                )
             )
             part.notes.append(f"the weights do not fit even for one sentence: {fix}")
         else:
@@ -296,12 +310,14 @@ def build_plan(topology: Topology, hardware: Hardware, workload: Workload, kept:
         "full_model_bytes": dense_bytes(topology, item) + router_bytes(topology, topology.num_experts) + expert_bytes(topology, full, item),
         "statistics": plan_statistics(topology, hardware, workload),
         "selection": kept.source,
-        "translation_one_direction": plan_model("pruned export, one direction", topology, hardware, workload,
-                                                experts=kept.per_direction, router_rows=kept.per_direction_rows),
+        "translation_one_direction": plan_model(
+            "pruned export, one direction", topology, hardware, workload, experts=kept.per_direction, router_rows=kept.per_direction_rows
+        ),
     }
     if kept.union is not None and kept.union != kept.per_direction:
-        out["translation_multi_direction"] = plan_model("pruned export, every direction of the index (union)", topology, hardware, workload,
-                                                        experts=kept.union, router_rows=kept.union_rows or 0)
+        out["translation_multi_direction"] = plan_model(
+            "pruned export, every direction of the index (union)", topology, hardware, workload, experts=kept.union, router_rows=kept.union_rows or 0
+        )
     out["translation_full_model"] = plan_model("unpruned model", topology, hardware, workload, experts=full, router_rows=topology.num_experts)
     return out
 
@@ -321,10 +337,15 @@ def format_plan(plan: Mapping[str, Any]) -> list[str]:
     hw = plan["hardware"]
     workload = plan["workload"]
     quantized = f", translation models {workload['quantize']}{' + dense' if workload.get('quantize_dense') else ''}" if workload.get("quantize") else ""
-    lines = [f"hardware: {hw['devices']} x {hw['memory_bytes'] / GIB:.1f} GiB ({hw['device']}), dtype {workload['dtype']}{quantized}; "
-             f"full model {plan['full_model_bytes'] / GIB:.1f} GiB"]
+    lines = [
+        f"hardware: {hw['devices']} x {hw['memory_bytes'] / GIB:.1f} GiB ({hw['device']}), dtype {workload['dtype']}{quantized}; "
+        f"full model {plan['full_model_bytes'] / GIB:.1f} GiB"
+    ]
     stats = plan["statistics"]
-    sections = [("statistics", stats), *[(k, plan[k]) for k in ("translation_one_direction", "translation_multi_direction", "translation_full_model") if k in plan]]
+    sections = [
+        ("statistics", stats),
+        *[(k, plan[k]) for k in ("translation_one_direction", "translation_multi_direction", "translation_full_model") if k in plan],
+    ]
     for key, part in sections:
         verdict = "fits" if part["fits"] else "DOES NOT FIT"
         lines.append(f"{part['name']}: {part['total_bytes'] / GIB:.2f} GiB per device, {verdict}")

@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 
 from pruning.atomic import atomic_path
+from pruning.data.directions import SHORT_SIDE, Side, long_side, split_direction
 from pruning.errors import UserError
 from pruning.index import ExpertIndex, layer_counts
-from pruning.data.directions import SHORT_SIDE, Side, long_side, split_direction
 from pruning.stats.counters import RoutingStats
 from pruning.topology import Topology
 
@@ -145,9 +145,7 @@ def plot_experts_per_layer(index: ExpertIndex, topology: Topology, path: str | o
     return _save(fig, path)
 
 
-def plot_language_similarity(
-    index: ExpertIndex, topology: Topology, path: str | os.PathLike[str], *, side: Side = "decoder"
-) -> Path:
+def plot_language_similarity(index: ExpertIndex, topology: Topology, path: str | os.PathLike[str], *, side: Side = "decoder") -> Path:
     """Jaccard similarity of the languages' kept ``side`` experts, in average-linkage order."""
     from matplotlib.figure import Figure
 
@@ -192,9 +190,8 @@ def _save(fig: object, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
 
 # ---- metric agreement and stability (nllb-prune compare-metrics, stability) ---------------------------
 
-def plot_metric_agreement(
-    names: Sequence[str], matrices: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike[str], *, title: str
-) -> Path:
+
+def plot_metric_agreement(names: Sequence[str], matrices: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike[str], *, title: str) -> Path:
     """Heatmaps of mean Spearman correlation and mean kept-set Jaccard between metrics, one row per side.
 
     ``matrices``: ``{"enc"|"dec": (spearman [M, M], jaccard [M, M])}``, M = ``len(names)``.
@@ -219,7 +216,9 @@ def plot_metric_agreement(
                 for i in range(m):
                     for j in range(m):
                         if np.isfinite(values[i, j]):
-                            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6, color="black" if col == 0 or values[i, j] > 0.5 else "white")
+                            ax.text(
+                                j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6, color="black" if col == 0 or values[i, j] > 0.5 else "white"
+                            )
             fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

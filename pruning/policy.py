@@ -41,10 +41,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
+from pruning.data.directions import ANY_DIRECTION, SHORT_SIDE, Side, split_direction
 from pruning.errors import UserError
 from pruning.manifest import DROP, LayerExperts, constant_outputs_key, layer_name
 from pruning.model.moe import ExtraRows
-from pruning.data.directions import ANY_DIRECTION, SHORT_SIDE, Side, split_direction
 from pruning.topology import Topology
 
 SKIP = "skip"
@@ -155,9 +155,7 @@ class PolicyPlan:
         }
 
 
-def served_counters(
-    stats: Any, directions: Sequence[str], *, what: str
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]]]:
+def served_counters(stats: Any, directions: Sequence[str], *, what: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]]]:
     """``({"enc"|"dec": {counter: sum}}, {"enc"|"dec": directions summed})`` over the directions an export serves.
 
     ``directions``: the export's direction keys (``"src-tgt"``, or ``"*"`` for any direction). Only the
@@ -201,7 +199,9 @@ def plan_policy(
     name and sha256).
     """
     if not policy_spec(name).keeps_router_rows:
-        raise PolicyError(f"plan_policy is for the policies that keep router rows ({', '.join(n for n, s in POLICY_TABLE.items() if s.keeps_router_rows)}), got {name!r}")
+        raise PolicyError(
+            f"plan_policy is for the policies that keep router rows ({', '.join(n for n, s in POLICY_TABLE.items() if s.keeps_router_rows)}), got {name!r}"
+        )
     if name == SKIP:
         return _plan_skip(union, topology=topology)
     what = f"statistics file {stats_info.get('file')}" if stats_info and stats_info.get("file") else "the statistics"
@@ -346,8 +346,4 @@ def apply_policy(model: Any, plan: PolicyPlan) -> Any:
 
 def constant_tensors(plan: PolicyPlan) -> dict[str, torch.Tensor]:
     """``{canonical name: [P, D] float64}`` of the substitute layers' constant outputs."""
-    return {
-        constant_outputs_key(side, layer): lp.constants
-        for (side, layer), lp in plan.layers.items()
-        if lp.constants is not None and lp.constants.shape[0]
-    }
+    return {constant_outputs_key(side, layer): lp.constants for (side, layer), lp in plan.layers.items() if lp.constants is not None and lp.constants.shape[0]}

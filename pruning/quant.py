@@ -57,9 +57,7 @@ STORAGE = {"int8": torch.int8, "int4": torch.uint8}
 """dtype of the stored codes."""
 SCALE_DTYPE = torch.float32
 
-_DENSE_RE = re.compile(
-    r"(encoder|decoder)\.layers\.\d+\.((self_attn|cross_attention)\.(q|k|v|out)_proj|ffn\.fc(1|2))\.weight"
-)
+_DENSE_RE = re.compile(r"(encoder|decoder)\.layers\.\d+\.((self_attn|cross_attention)\.(q|k|v|out)_proj|ffn\.fc(1|2))\.weight")
 _EXPERT_WEIGHT_RE = re.compile(r"(encoder|decoder)\.layers\.\d+\.ffn\.experts\.expert_\d+\.fc(1|2)\.weight")
 
 

@@ -45,8 +45,8 @@ Ties are broken by expert id (lower first), so a selection is deterministic.
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -57,9 +57,9 @@ from tqdm import tqdm
 from metrics import AGGREGATIONS, aggregate_metric, compute_metric, get_metric, metric_names
 from metrics.router import data_free_hint, needs_router_rows
 from pruning.config import DTYPE_CHOICES
+from pruning.data.directions import SHORT_SIDE, SIDES, Side, split_direction
 from pruning.errors import UserError
 from pruning.index import DEFAULT_MIN_PER_LAYER, ExpertIndex, IndexKind, layer_counts
-from pruning.data.directions import SHORT_SIDE, SIDES, Side, split_direction
 from pruning.stats.counters import RoutingStats
 from pruning.topology import Topology, bytes_for, gib
 
@@ -84,8 +84,13 @@ class SelectionError(UserError):
 class KeepOptions:
     """How many experts each direction's model keeps, and how they are spread over the layers."""
 
-    strategy: str = field(default="per-layer", metadata={"help": "per-layer (fixed count per layer), global (threshold) or budget (most experts that fit --budget-gb)", "choices": STRATEGIES})
-    ratio: float | None = field(default=None, metadata={"help": f"share of experts to prune (default {DEFAULT_RATIO} when neither --keep nor --budget-gb is given)"})
+    strategy: str = field(
+        default="per-layer",
+        metadata={"help": "per-layer (fixed count per layer), global (threshold) or budget (most experts that fit --budget-gb)", "choices": STRATEGIES},
+    )
+    ratio: float | None = field(
+        default=None, metadata={"help": f"share of experts to prune (default {DEFAULT_RATIO} when neither --keep nor --budget-gb is given)"}
+    )
     keep: int | None = field(default=None, metadata={"help": "experts to keep per direction's model (encoder + decoder)"})
     budget_gb: float | None = field(default=None, metadata={"help": "memory budget of one direction's pruned model, in GB (10^9 bytes) at --dtype"})
     dtype: str = field(default="bf16", metadata={"help": "dtype for --budget-gb and the summary: bf16, fp16 or fp32", "choices": DTYPE_CHOICES})
@@ -119,7 +124,10 @@ class GranularityOptions:
     granularity: str = field(default="lang", metadata={"help": "global (one list), pair (per direction) or lang (per language)", "choices": GRANULARITIES})
     langs: list[str] = field(default_factory=list, metadata={"help": "languages for --granularity lang, comma-separated (default: all in the statistics)"})
     pairs: list[str] = field(default_factory=list, metadata={"help": "directions src-tgt for --granularity pair, comma-separated (default: all)"})
-    aggregate: str = field(default="tokens", metadata={"help": "combine directions by tokens (sum counters, then score) or mean (of per-direction scores)", "choices": AGGREGATIONS})
+    aggregate: str = field(
+        default="tokens",
+        metadata={"help": "combine directions by tokens (sum counters, then score) or mean (of per-direction scores)", "choices": AGGREGATIONS},
+    )
 
     def validate_granularity(self) -> None:
         _choice("--granularity", self.granularity, GRANULARITIES)
@@ -135,7 +143,9 @@ class SelectOptions(GranularityOptions, KeepOptions):
     """What to select; each field is a flag of ``nllb-prune select`` and a key of ``conf/select.yaml``."""
 
     metric: str = field(default="importance", metadata={"help": f"expert score, higher = keep: {', '.join(metric_names())}"})
-    router_model: str = field(default="", metadata={"help": "checkpoint whose router rows a data-free metric (router_distinct) scores; unpruned, either layout"})
+    router_model: str = field(
+        default="", metadata={"help": "checkpoint whose router rows a data-free metric (router_distinct) scores; unpruned, either layout"}
+    )
 
     def validate(self) -> None:
         get_metric(self.metric)
@@ -241,9 +251,7 @@ def plan_keep(topology: Topology, options: SelectOptions) -> KeepPlan:
                 f"{side} MoE layers (at least {m * layers} needed)"
             )
         if count > layers * topology.num_experts:
-            raise SelectionError(
-                f"{flag[0]} {flag[1]}: the {side} would keep {count} experts, but it has {layers * topology.num_experts}"
-            )
+            raise SelectionError(f"{flag[0]} {flag[1]}: the {side} would keep {count} experts, but it has {layers * topology.num_experts}")
     return KeepPlan(n, enc, dec, None)
 
 
@@ -299,8 +307,7 @@ def _check_min(flag: tuple[str, str], per_layer: dict[str, int], first: dict[Sid
     for side, count in per_layer.items():
         if count < min_per_layer:
             raise SelectionError(
-                f"{flag[0]} must leave at least {min_per_layer} experts per layer, but {flag[1]} leaves "
-                f"{count} in {side} layer {first[side]}"  # type: ignore[index]
+                f"{flag[0]} must leave at least {min_per_layer} experts per layer, but {flag[1]} leaves {count} in {side} layer {first[side]}"  # type: ignore[index]
             )
 
 
@@ -414,9 +421,7 @@ def plan_units(stats: RoutingStats, options: SelectOptions) -> list[Unit]:
                 raise SelectionError(f"direction {d!r} is not in the statistics; {_known('directions', real)}")
             missing = [s for s in ("enc", "dec") if d not in has[s]]
             if missing:
-                raise SelectionError(
-                    f"direction {d!r} has no {'/'.join(missing)} statistics; {_known('directions', real)}"
-                )
+                raise SelectionError(f"direction {d!r} has no {'/'.join(missing)} statistics; {_known('directions', real)}")
             units.append(Unit(d, {"enc": [d], "dec": [d]}))
         return units
     pairs = [(d, *split_direction(d)) for d in stats.directions]
@@ -496,7 +501,9 @@ def select_experts(stats: RoutingStats | None, options: SelectOptions, *, expect
     entries: dict[str, list[int]] = {}
     for unit in tqdm(units, desc="select", unit=kind, disable=len(units) < 50 or None):
         scores = {
-            side: fixed.scores[side] if fixed is not None else aggregate_metric(options.metric, [(f"{d}/{side}", stats.counters[d][side]) for d in dirs], how=options.aggregate)  # type: ignore[arg-type, union-attr]
+            side: fixed.scores[side]
+            if fixed is not None
+            else aggregate_metric(options.metric, [(f"{d}/{side}", stats.counters[d][side]) for d in dirs], how=options.aggregate)  # type: ignore[arg-type, union-attr]
             for side, dirs in unit.sources.items()
             if dirs
         }
@@ -504,9 +511,7 @@ def select_experts(stats: RoutingStats | None, options: SelectOptions, *, expect
     return Selection(ExpertIndex.from_entries(kind, entries), plan, topology, options.dtype)
 
 
-def _select_unit(
-    scores: dict[str, torch.Tensor], plan: KeepPlan, options: SelectOptions, topology: Topology, *, what: str
-) -> list[int]:
+def _select_unit(scores: dict[str, torch.Tensor], plan: KeepPlan, options: SelectOptions, topology: Topology, *, what: str) -> list[int]:
     """Global ids kept for one entry from its per-side scores (``{"enc": [L_enc, E], "dec": [L_dec, E]}``)."""
     return _global_ids(select_masks(scores, plan, options, what=what), topology)
 
@@ -526,9 +531,7 @@ def select_masks(scores: dict[str, torch.Tensor], plan: KeepPlan, options: Selec
     else:
         for side, keep in (("enc", plan.encoder), ("dec", plan.decoder)):
             if side in scores:
-                masks[side] = select_global_threshold(
-                    scores[side], keep=int(keep or 0), min_per_layer=options.min_per_layer, what=f"{what} ({side})"
-                )
+                masks[side] = select_global_threshold(scores[side], keep=int(keep or 0), min_per_layer=options.min_per_layer, what=f"{what} ({side})")
     return masks
 
 

@@ -91,9 +91,7 @@ class Topology:
         for index, s, l in self.iter_moe_layers():
             if s == side and l == layer:
                 return index
-        raise TopologyError(
-            f"{side} layer {layer} is not a MoE layer; MoE layers of the {side} are {list(self.moe_layers(side))}"
-        )
+        raise TopologyError(f"{side} layer {layer} is not a MoE layer; MoE layers of the {side} are {list(self.moe_layers(side))}")
 
     def moe_slot(self, moe_index: int) -> tuple[Side, int]:
         """Inverse of :meth:`moe_index`: ``(side, layer)`` of the ``moe_index``-th MoE layer."""
@@ -163,7 +161,9 @@ class Topology:
     @classmethod
     def from_config(cls, config: Any) -> "Topology":
         """From a ``transformers`` ``NllbMoeConfig`` (or any object/dict with the same fields)."""
-        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        def get(key: str, default: Any = None) -> Any:
+            return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
         return cls(
             encoder_layers=int(get("encoder_layers")),
             decoder_layers=int(get("decoder_layers")),
@@ -186,14 +186,30 @@ class Topology:
         from transformers import NllbMoeConfig
 
         settings: dict[str, Any] = dict(
-            vocab_size=self.vocab_size, d_model=self.d_model,
-            encoder_layers=self.encoder_layers, decoder_layers=self.decoder_layers,
-            encoder_ffn_dim=self.ffn_dim, decoder_ffn_dim=self.ffn_dim,
-            encoder_attention_heads=self.encoder_attention_heads, decoder_attention_heads=self.decoder_attention_heads,
-            num_experts=self.num_experts, encoder_sparse_step=self.encoder_sparse_step, decoder_sparse_step=self.decoder_sparse_step,
-            max_position_embeddings=1024, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-            encoder_layerdrop=0.0, decoder_layerdrop=0.0, moe_token_dropout=0.2, moe_eval_capacity_token_fraction=1.0,
-            scale_embedding=True, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+            vocab_size=self.vocab_size,
+            d_model=self.d_model,
+            encoder_layers=self.encoder_layers,
+            decoder_layers=self.decoder_layers,
+            encoder_ffn_dim=self.ffn_dim,
+            decoder_ffn_dim=self.ffn_dim,
+            encoder_attention_heads=self.encoder_attention_heads,
+            decoder_attention_heads=self.decoder_attention_heads,
+            num_experts=self.num_experts,
+            encoder_sparse_step=self.encoder_sparse_step,
+            decoder_sparse_step=self.decoder_sparse_step,
+            max_position_embeddings=1024,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            encoder_layerdrop=0.0,
+            decoder_layerdrop=0.0,
+            moe_token_dropout=0.2,
+            moe_eval_capacity_token_fraction=1.0,
+            scale_embedding=True,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
         )
         return NllbMoeConfig(**{**settings, **overrides})
 
@@ -251,4 +267,3 @@ def bytes_for(params: int, dtype: str) -> int:
 
 def gib(nbytes: int) -> float:
     return nbytes / 2**30
-

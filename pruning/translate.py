@@ -123,7 +123,11 @@ def fit_sources(
     pieces: list[list[int]] = []
     owners: list[int] = []
     for i, ids in enumerate(encoded):
-        fitted = [list(ids)] if limit is None or len(ids) <= limit else _cut(list(ids), limit=limit, long_input=long_input, tokenizer=tokenizer, name=where(i), warn=warn)
+        fitted = (
+            [list(ids)]
+            if limit is None or len(ids) <= limit
+            else _cut(list(ids), limit=limit, long_input=long_input, tokenizer=tokenizer, name=where(i), warn=warn)
+        )
         pieces += fitted
         owners += [i] * len(fitted)
     return pieces, owners
@@ -191,7 +195,12 @@ def translate_sentences(
     todo = [i for i, s in enumerate(sentences) if s.strip()]
     encoded = tokenizer([sentences[i] for i in todo], add_special_tokens=True, verbose=False)["input_ids"] if todo else []
     pieces, owners = fit_sources(
-        encoded, limit=source_limit(model), long_input=long_input, tokenizer=tokenizer, where=lambda j: line_name(todo[j]), warn=warn,
+        encoded,
+        limit=source_limit(model),
+        long_input=long_input,
+        tokenizer=tokenizer,
+        where=lambda j: line_name(todo[j]),
+        warn=warn,
     )
     translated = [""] * len(pieces)
     device = next(model.parameters()).device

@@ -48,9 +48,7 @@ def tiny_hf_dir(tmp_path_factory, tiny_model, tiny_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_fairseq_dir(tmp_path_factory, tiny_model, tiny_tokenizer_dir) -> Path:
-    return fixtures.write_fairseq(
-        tiny_model, tmp_path_factory.mktemp("fairseq"), spm_path=tiny_tokenizer_dir / "sentencepiece.bpe.model"
-    )
+    return fixtures.write_fairseq(tiny_model, tmp_path_factory.mktemp("fairseq"), spm_path=tiny_tokenizer_dir / "sentencepiece.bpe.model")
 
 
 @pytest.fixture(scope="session")

@@ -72,9 +72,16 @@ def make_tokenizer(directory: Path):  # noqa: ANN201
 
 def tiny_config(vocab_size: int, *, num_experts: int = 128, encoder_layers: int = 24, decoder_layers: int = 24, sparse_step: int = 4):
     topology = Topology(
-        encoder_layers=encoder_layers, decoder_layers=decoder_layers, encoder_sparse_step=sparse_step, decoder_sparse_step=sparse_step,
-        num_experts=num_experts, d_model=TINY_WIDTHS["d_model"], ffn_dim=TINY_WIDTHS["ffn_dim"], vocab_size=vocab_size,
-        encoder_attention_heads=TINY_WIDTHS["heads"], decoder_attention_heads=TINY_WIDTHS["heads"],
+        encoder_layers=encoder_layers,
+        decoder_layers=decoder_layers,
+        encoder_sparse_step=sparse_step,
+        decoder_sparse_step=sparse_step,
+        num_experts=num_experts,
+        d_model=TINY_WIDTHS["d_model"],
+        ffn_dim=TINY_WIDTHS["ffn_dim"],
+        vocab_size=vocab_size,
+        encoder_attention_heads=TINY_WIDTHS["heads"],
+        decoder_attention_heads=TINY_WIDTHS["heads"],
     )
     return topology.to_hf_config(max_position_embeddings=TINY_WIDTHS["max_positions"])
 
@@ -136,7 +143,8 @@ class FairseqCfg:
 
 def _to_fairseq_name(name: str) -> Optional[str]:
     replacements = [
-        (".ffn.fc1.", ".fc1."), (".ffn.fc2.", ".fc2."),
+        (".ffn.fc1.", ".fc1."),
+        (".ffn.fc2.", ".fc2."),
         (".ff_layer_norm.", ".final_layer_norm."),
         (".cross_attention_layer_norm.", ".encoder_attn_layer_norm."),
         (".cross_attention.", ".encoder_attn."),

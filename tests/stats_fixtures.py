@@ -29,10 +29,7 @@ class RoutingRecorder:
 
     def __init__(self, model: Any):
         self.calls: list[tuple[str, Any]] = []
-        self.handles = [
-            moe.register_forward_hook(lambda m, i, o, side=side: self.calls.append((side, o[1])))
-            for side, _, moe in model.moe_layers()
-        ]
+        self.handles = [moe.register_forward_hook(lambda m, i, o, side=side: self.calls.append((side, o[1]))) for side, _, moe in model.moe_layers()]
 
     def close(self) -> None:
         for h in self.handles:
@@ -116,7 +113,6 @@ def assert_counters_close(
 
 def triangular(n: int) -> float:
     return n * (n + 1) / 2
-
 
 
 def forward_observed(model: Any, batch: dict[str, torch.Tensor], **collector_options: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -15,8 +15,8 @@ from pruning.config import ConfigError
 from pruning.model.loading import load_model
 from pruning.stats.batches import make_batches
 from pruning.stats.collect import collect_statistics
-from pruning.stats.options import StatsOptions
 from pruning.stats.counters import Chunks, RoutingStats, StatsError
+from pruning.stats.options import StatsOptions
 from tests.stats_fixtures import LANGS, assert_counters_close, make_flores, reference_counters
 
 FRA, DEU, ENG = LANGS
@@ -200,7 +200,9 @@ def test_identical_metrics_agree_fully_and_others_less():
 
     row = next(r for r in other if r["unit"] == FRA and r["side"] == "dec")
     kept = {m: set(select_experts(stats, SelectOptions(metric=m, ratio=0.75)).index.entries[FRA]) for m in ("topk", "top2")}
-    layer_ids = {m: {g for g in ids if stats.topology.expert_ref(g).side == "decoder" and stats.topology.expert_ref(g).layer == row["layer"]} for m, ids in kept.items()}
+    layer_ids = {
+        m: {g for g in ids if stats.topology.expert_ref(g).side == "decoder" and stats.topology.expert_ref(g).layer == row["layer"]} for m, ids in kept.items()
+    }
     assert row["jaccard"] == pytest.approx(len(layer_ids["topk"] & layer_ids["top2"]) / len(layer_ids["topk"] | layer_ids["top2"]))
 
 
@@ -234,10 +236,9 @@ def test_identical_chunks_give_jaccard_one_for_every_m():
 
 def test_two_chunks_by_hand():
     """m = 1 draws one chunk: each sample's Jaccard is that of chunk 0's or chunk 1's kept set with the whole one."""
+    from metrics import compute_metric
     from pruning.analysis import stability
     from pruning.select import SelectOptions, select_per_layer
-
-    from metrics import compute_metric
 
     stats = chunked_simulated([f"{FRA}-{DEU}"], n_chunks=2, identical=False)
     result = stability(stats, SelectOptions(granularity="pair"), samples=200, seed=3, progress=False)
@@ -245,7 +246,11 @@ def test_two_chunks_by_hand():
     per_layer = 12  # the default plan of the real topology: 0.8 pruned at 3:1 keeps 12 per decoder layer
 
     def kept(counters):
-        return {(layer, int(e)) for layer, row in enumerate(select_per_layer(compute_metric("importance", counters), per_layer=per_layer)) for e in torch.nonzero(row).flatten()}
+        return {
+            (layer, int(e))
+            for layer, row in enumerate(select_per_layer(compute_metric("importance", counters), per_layer=per_layer))
+            for e in torch.nonzero(row).flatten()
+        }
 
     whole = kept({n: v.sum(0) for n, v in chunks.items()})
     one = [kept({n: v[c] for n, v in chunks.items()}) for c in range(2)]
@@ -315,10 +320,32 @@ def test_compare_metrics_command(chunked, tmp_path, capsys):
 def test_configs_of_both_commands_resolve(chunked, tmp_path, capsys):
     root = Path(__file__).resolve().parents[1]
     stats_path = chunked.save(tmp_path / "k3.safetensors")
-    rc = main(["stability", "--config", str(root / "conf" / "stability.yaml"), f"stats={stats_path}", f"out={tmp_path / 's'}", "samples=5", "langs=[deu_Latn]", "progress=false"])
+    rc = main(
+        [
+            "stability",
+            "--config",
+            str(root / "conf" / "stability.yaml"),
+            f"stats={stats_path}",
+            f"out={tmp_path / 's'}",
+            "samples=5",
+            "langs=[deu_Latn]",
+            "progress=false",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert len((tmp_path / "s" / "stability.tsv").read_text().splitlines()) == 1 + 2 * 3  # deu: enc and dec, m = 1..3
-    rc = main(["compare-metrics", "--config", str(root / "conf" / "compare_metrics.yaml"), f"stats={stats_path}", f"out={tmp_path / 'c'}", "metrics=[top1,importance]", "granularity=global", "progress=false"])
+    rc = main(
+        [
+            "compare-metrics",
+            "--config",
+            str(root / "conf" / "compare_metrics.yaml"),
+            f"stats={stats_path}",
+            f"out={tmp_path / 'c'}",
+            "metrics=[top1,importance]",
+            "granularity=global",
+            "progress=false",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert len((tmp_path / "c" / "metric-agreement.tsv").read_text().splitlines()) == 1 + 2 * 6
 

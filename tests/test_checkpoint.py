@@ -146,7 +146,10 @@ def test_shape_mismatch_names_file_and_key(tmp_path, tiny_hf_dir):
     config = json.loads((directory / "config.json").read_text())
     config["encoder_ffn_dim"] = config["decoder_ffn_dim"] = 48
     (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"do not match the config: model-\d+-of-\d+\.safetensors:decoder\.layers\.0\.ffn\.fc1\.bias has shape \(32,\), config expects \(48,\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"do not match the config: model-\d+-of-\d+\.safetensors:decoder\.layers\.0\.ffn\.fc1\.bias has shape \(32,\), config expects \(48,\)",
+    ):
         load_model(directory)
 
 

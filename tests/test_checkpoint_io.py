@@ -70,7 +70,7 @@ def test_mapped_safetensors_tensor_is_a_private_copy_on_write(tmp_path):
     tensors = {"big": torch.ones(600, 600)}
     (shard,) = _write(tmp_path, tensors, 10**9)
     before = shard.read_bytes()
-    (_, lazy), = _hf_file_tensors(shard)
+    ((_, lazy),) = _hf_file_tensors(shard)
     assert isinstance(lazy, SafetensorsTensor)
     loaded = lazy.load()
     loaded.mul_(3)
@@ -79,7 +79,7 @@ def test_mapped_safetensors_tensor_is_a_private_copy_on_write(tmp_path):
 
 def test_truncated_safetensors_tensor_is_a_clear_error(tmp_path):
     (shard,) = _write(tmp_path, {"big": torch.ones(600, 600)}, 10**9)
-    (_, lazy), = _hf_file_tensors(shard)
+    ((_, lazy),) = _hf_file_tensors(shard)
     with open(shard, "r+b") as handle:
         handle.truncate(shard.stat().st_size - 100)
     with pytest.raises(CheckpointError, match="ends past the end of the file"):

@@ -62,6 +62,7 @@ def spm_installed(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def offline(tmp_path, monkeypatch) -> Path:
     """An empty SACREBLEU directory and no network: any download attempt fails the test at once."""
+
     def no_download(*args, **kwargs):
         raise AssertionError(f"sacrebleu tried to download {args}")
 
@@ -80,8 +81,27 @@ def read_lines(path: Path) -> list[str]:
 
 def test_evaluate_end_to_end_equals_independent_sacrebleu(tmp_path, export_dir, flores, spm_installed, capsys):
     out = tmp_path / "run" / "scores.tsv"
-    args = ["evaluate", "--model", str(export_dir), "--data", str(flores), "--split", "devtest", "--pairs", f"{FRA}-{DEU},{DEU}-{ENG}",
-            "--out", str(out), "--max-sentences", "4", "--beam", "1", "--max-length", "6", "--device", "cpu"]
+    args = [
+        "evaluate",
+        "--model",
+        str(export_dir),
+        "--data",
+        str(flores),
+        "--split",
+        "devtest",
+        "--pairs",
+        f"{FRA}-{DEU},{DEU}-{ENG}",
+        "--out",
+        str(out),
+        "--max-sentences",
+        "4",
+        "--beam",
+        "1",
+        "--max-length",
+        "6",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
 
@@ -112,7 +132,14 @@ def test_evaluate_end_to_end_equals_independent_sacrebleu(tmp_path, export_dir, 
     manifest_sha = hashlib.sha256((export_dir / MANIFEST_NAME).read_bytes()).hexdigest()
     index_sha = hashlib.sha256((export_dir.parent / "experts.json").read_bytes()).hexdigest()
     signature = summary["signature"]
-    for part in (f"manifest:{manifest_sha[:12]}", f"index:{index_sha[:12]}", "beam:1|max_new_tokens:6|batch_tokens:4096", "device:cpu", "n:4", f"sacrebleu:{sacrebleu.__version__}"):
+    for part in (
+        f"manifest:{manifest_sha[:12]}",
+        f"index:{index_sha[:12]}",
+        "beam:1|max_new_tokens:6|batch_tokens:4096",
+        "device:cpu",
+        "n:4",
+        f"sacrebleu:{sacrebleu.__version__}",
+    ):
         assert part in signature
     assert summary["model"]["path"] == str(export_dir.resolve())
     assert f"mean over 2 direction(s): spBLEU {sum(bleu_values) / 2:.2f}  chrF++ {sum(chrf_values) / 2:.2f}" in printed
@@ -123,7 +150,15 @@ def test_missing_spm_model_gives_na_and_still_scores_chrf(tmp_path, export_dir, 
 
     model = pruning.load_model(export_dir)
     with pytest.warns(UserWarning, match=r"needs sacrebleu's SentencePiece model at .*empty/models/flores200sacrebleuspm, which is missing") as caught:
-        result = evaluate_model(model, data=flores, out=tmp_path / "s.tsv", directions=[(ENG, FRA)], options=DecodingOptions(beam=1, max_length=4), progress=False, log=lambda _: None)
+        result = evaluate_model(
+            model,
+            data=flores,
+            out=tmp_path / "s.tsv",
+            directions=[(ENG, FRA)],
+            options=DecodingOptions(beam=1, max_length=4),
+            progress=False,
+            log=lambda _: None,
+        )
     assert "spBLEU is reported as NA; chrF++ is computed" in str(caught[0].message)
     assert not offline.exists(), "nothing was downloaded or prepared for a download"
     row = read_lines(tmp_path / "s.tsv")[1].split("\t")
@@ -148,7 +183,13 @@ def test_check_spm_model_messages(tmp_path, monkeypatch, offline):
         make_bleu("flores200")
 
 
-@pytest.mark.parametrize("env, expected", [({"SACREBLEU": "{tmp}/custom"}, "{tmp}/custom/models/flores200sacrebleuspm"), ({"HOME": "{tmp}/home"}, "{tmp}/home/.sacrebleu/models/flores200sacrebleuspm")])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"SACREBLEU": "{tmp}/custom"}, "{tmp}/custom/models/flores200sacrebleuspm"),
+        ({"HOME": "{tmp}/home"}, "{tmp}/home/.sacrebleu/models/flores200sacrebleuspm"),
+    ],
+)
 def test_spm_model_path_follows_sacrebleus_directory(tmp_path, env, expected):
     environ = {k: v for k, v in os.environ.items() if k != "SACREBLEU"}
     environ.update({k: v.format(tmp=tmp_path) for k, v in env.items()})
@@ -170,7 +211,11 @@ def write_tsv(path: Path, rows: list[list[str]], header: str = "direction\tspBLE
 
 def test_compare_deltas_and_mean(tmp_path):
     ours = write_tsv(tmp_path / "a.tsv", [["x_Latn-y_Latn", "10.00", "30.00", "1.0"], ["y_Latn-x_Latn", "NA", "40.50", "NA"], ["z_Latn-x_Latn", "1", "2", "1"]])
-    other = write_tsv(tmp_path / "b.tsv", [["y_Latn-x_Latn", "5.0", "41.0"], ["x_Latn-y_Latn", "12.5", "29.0"], ["q_Latn-x_Latn", "1", "1"]], header="direction\tspBLEU\tchrF++\tlen_ratio")
+    other = write_tsv(
+        tmp_path / "b.tsv",
+        [["y_Latn-x_Latn", "5.0", "41.0"], ["x_Latn-y_Latn", "12.5", "29.0"], ["q_Latn-x_Latn", "1", "1"]],
+        header="direction\tspBLEU\tchrF++\tlen_ratio",
+    )
     comparison = compare_scores(read_scores(ours), read_scores(other))
     assert comparison.mean_delta["chrF++"] == pytest.approx(((30 - 29) + (40.5 - 41)) / 2)
     assert comparison.mean_delta["spBLEU"] == pytest.approx(10 - 12.5)
@@ -217,8 +262,27 @@ def test_compare_reads_the_papers_files():
 @pytest.mark.skipif(not PAPER_FULL.is_file(), reason="the paper's score files are not in ../shared/data")
 def test_evaluate_compare_against_the_paper(tmp_path, export_dir, flores, offline, capsys):
     out = tmp_path / "scores.tsv"
-    args = ["evaluate", "--model", str(export_dir), "--data", str(flores), "--pairs", f"{FRA}-{DEU}", "--out", str(out),
-            "--max-sentences", "2", "--beam", "1", "--max-length", "3", "--device", "cpu", "--compare", str(PAPER_FULL)]
+    args = [
+        "evaluate",
+        "--model",
+        str(export_dir),
+        "--data",
+        str(flores),
+        "--pairs",
+        f"{FRA}-{DEU}",
+        "--out",
+        str(out),
+        "--max-sentences",
+        "2",
+        "--beam",
+        "1",
+        "--max-length",
+        "3",
+        "--device",
+        "cpu",
+        "--compare",
+        str(PAPER_FULL),
+    ]
     with pytest.warns(UserWarning):
         assert main(args) == 0
     printed = capsys.readouterr().out
@@ -231,7 +295,6 @@ def test_evaluate_compare_against_the_paper(tmp_path, export_dir, flores, offlin
 # ---- bad input -----------------------------------------------------------------------------------------
 def test_direction_outside_the_export_fails_before_translating(tmp_path, tiny_hf_dir, flores):
     import pruning
-
     from pruning.checkpoint.reader import open_checkpoint
 
     index = ef.write_lang_index(tmp_path / "experts.json", open_checkpoint(tiny_hf_dir).topology)
@@ -262,8 +325,23 @@ def test_bad_flags(tmp_path, flores, export_dir, capsys, extra, message):
 
 
 def test_zero_experts_flag_scores_the_floor_and_signs_it(tmp_path, export_dir, flores, capsys):
-    common = ["evaluate", "--model", str(export_dir), "--data", str(flores), "--pairs", f"{ENG}-{FRA}", "--beam", "1", "--max-length", "6",
-              "--spm", "none", "--device", "cpu"]
+    common = [
+        "evaluate",
+        "--model",
+        str(export_dir),
+        "--data",
+        str(flores),
+        "--pairs",
+        f"{ENG}-{FRA}",
+        "--beam",
+        "1",
+        "--max-length",
+        "6",
+        "--spm",
+        "none",
+        "--device",
+        "cpu",
+    ]
     from pruning.cli import main
 
     assert main([*common, "--out", str(tmp_path / "full.tsv")]) == 0

@@ -25,8 +25,7 @@ def test_demo_runs_end_to_end_on_the_testbed(tmp_path, monkeypatch):
     monkeypatch.chdir(TESTBED_MODEL.parents[2])
     recorded = Path("experiments/results/demo.json")
     before = recorded.read_bytes() if recorded.is_file() else None
-    assert demo.main(["--out", str(tmp_path / "demo"), "--model", str(TESTBED_MODEL), "--directions", "3", "--sentences", "8",
-                      "--stats-sentences", "10"]) == 0
+    assert demo.main(["--out", str(tmp_path / "demo"), "--model", str(TESTBED_MODEL), "--directions", "3", "--sentences", "8", "--stats-sentences", "10"]) == 0
     assert (recorded.read_bytes() if recorded.is_file() else None) == before, "a plain demo changes no tracked file"
     result = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert result["directions"] == 3
@@ -39,8 +38,7 @@ def test_demo_runs_end_to_end_on_the_testbed(tmp_path, monkeypatch):
 
 
 def test_random_index_keeps_per_layer_counts():
-    topology = Topology(encoder_layers=4, decoder_layers=4, encoder_sparse_step=2, decoder_sparse_step=2, num_experts=16,
-                        d_model=8, ffn_dim=16, vocab_size=10)
+    topology = Topology(encoder_layers=4, decoder_layers=4, encoder_sparse_step=2, decoder_sparse_step=2, num_experts=16, d_model=8, ffn_dim=16, vocab_size=10)
     selected = ExpertIndex.from_entries("lang", {"aaa_Latn": [0, 1, 2, 16, 17, 40, 50, 51], "bbb_Latn": [3, 20, 21, 33, 60]})
     drawn = random_index(selected, topology, seed=1)
     for key, ids in selected.entries.items():
@@ -69,8 +67,14 @@ def test_routing_specificity_on_constructed_counts():
 
 
 def _run(criterion: str, policy: str, share: float, chrf: dict[str, float], off: float = 0.5) -> dict:
-    return {"criterion": criterion, "policy": policy, "pruned_share": share, "chrf++": chrf,
-            "mean_chrf++": sum(chrf.values()) / len(chrf), "mean_off_target": off}
+    return {
+        "criterion": criterion,
+        "policy": policy,
+        "pruned_share": share,
+        "chrf++": chrf,
+        "mean_chrf++": sum(chrf.values()) / len(chrf),
+        "mean_off_target": off,
+    }
 
 
 def test_beyond_report_pairs_directions_and_names_the_winner(tmp_path):
@@ -96,8 +100,9 @@ def test_beyond_grid_covers_full_then_every_plan_policy_criterion():
 
     from experiments.beyond.study import grid, run_name
 
-    cfg = OmegaConf.create({"plans": [{"keep": 32, "enc_keep": 24}, {"keep": 6, "enc_keep": 4}],
-                            "policies": ["drop", "skip"], "criteria": ["importance", "mean", "random"]})
+    cfg = OmegaConf.create(
+        {"plans": [{"keep": 32, "enc_keep": 24}, {"keep": 6, "enc_keep": 4}], "policies": ["drop", "skip"], "criteria": ["importance", "mean", "random"]}
+    )
     configs = grid(cfg)
     names = [run_name(c) for c in configs]
     assert names[0] == "full" and len(names) == 1 + 2 * 2 * 3 == len(set(names))

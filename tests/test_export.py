@@ -84,8 +84,13 @@ def test_exports_of_both_layouts_are_byte_identical(tmp_path, tiny_hf_dir, fairs
     outs = []
     for name, source in (("from_hf", tiny_hf_dir), ("from_fairseq", fairseq_with_positions)):
         out = export_checkpoint(
-            source, experts=index_path, out=tmp_path / name, directions=[(FRA, DEU), (DEU, ENG)], dtype=torch.float16,
-            max_shard_bytes=40_000, progress=False,
+            source,
+            experts=index_path,
+            out=tmp_path / name,
+            directions=[(FRA, DEU), (DEU, ENG)],
+            dtype=torch.float16,
+            max_shard_bytes=40_000,
+            progress=False,
         )
         outs.append(out)
     names = sorted(p.name for p in outs[0].iterdir())
@@ -101,10 +106,16 @@ def test_exports_of_both_layouts_are_byte_identical(tmp_path, tiny_hf_dir, fairs
 
 
 def test_multi_language_export_routes_each_direction_over_its_own_experts(tmp_path, tiny_hf_dir, index_path, tiny_batch):
-    multi = load_model(export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / "multi", directions=parse_directions(langs=list(ef.LANGS)), dtype=None, progress=False))
+    multi = load_model(
+        export_checkpoint(
+            tiny_hf_dir, experts=index_path, out=tmp_path / "multi", directions=parse_directions(langs=list(ef.LANGS)), dtype=None, progress=False
+        )
+    )
     assert sorted(multi.manifest["directions"]) == sorted(f"{a}-{b}" for a in ef.LANGS for b in ef.LANGS if a != b)
     for src, tgt in ((FRA, DEU), (ENG, FRA)):
-        single = load_model(export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / f"{src}-{tgt}", directions=[(src, tgt)], dtype=None, progress=False))
+        single = load_model(
+            export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / f"{src}-{tgt}", directions=[(src, tgt)], dtype=None, progress=False)
+        )
         multi.set_direction(src, tgt)
         torch.testing.assert_close(logits(multi, tiny_batch), logits(single, tiny_batch), rtol=1e-5, atol=1e-5)
         from pruning.translate import DecodingOptions, translate_sentences
@@ -134,7 +145,9 @@ def test_one_list_index_serves_any_direction(tmp_path, tiny_hf_dir, topology):
 
 def test_export_cli_info_and_load(tmp_path, tiny_fairseq_dir, index_path, capsys):
     out = tmp_path / "cli"
-    assert main(["export", "--model", str(tiny_fairseq_dir), "--experts", str(index_path), "--langs", f"{FRA},{DEU}", "--out", str(out), "--dtype", "fp16"]) == 0
+    assert (
+        main(["export", "--model", str(tiny_fairseq_dir), "--experts", str(index_path), "--langs", f"{FRA},{DEU}", "--out", str(out), "--dtype", "fp16"]) == 0
+    )
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and f"{DEU}-{FRA}, {FRA}-{DEU}" in printed
     assert main(["info", str(out)]) == 0
@@ -283,7 +296,14 @@ def test_prune_equals_select_then_export(tmp_path, tiny_hf_dir, topology, capsys
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed
     assert (out / "experts.json").read_text() == (tmp_path / "selected.json").read_text()
-    by_hand = export_checkpoint(tiny_hf_dir, experts=tmp_path / "selected.json", out=tmp_path / "by_hand", directions=parse_directions(langs=[FRA, DEU]), dtype=torch.float32, progress=False)
+    by_hand = export_checkpoint(
+        tiny_hf_dir,
+        experts=tmp_path / "selected.json",
+        out=tmp_path / "by_hand",
+        directions=parse_directions(langs=[FRA, DEU]),
+        dtype=torch.float32,
+        progress=False,
+    )
     assert (out / "model.safetensors").read_bytes() == (by_hand / "model.safetensors").read_bytes()
     manifest = read_manifest(out)
     selection = manifest["selection"]
@@ -330,13 +350,19 @@ def test_export_loads_in_plain_transformers_with_the_same_outputs(tmp_path, tiny
     import subprocess
     import sys
 
-    out = export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / "multi", directions=parse_directions(langs=list(ef.LANGS)), dtype=torch.float32, progress=False)
+    out = export_checkpoint(
+        tiny_hf_dir, experts=index_path, out=tmp_path / "multi", directions=parse_directions(langs=list(ef.LANGS)), dtype=torch.float32, progress=False
+    )
     assert (out / "modeling_nllb_moe_pruned.py").is_file()
     batch = {k: v.tolist() for k, v in tiny_batch.items()}
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(out), str(tmp_path / "remote.pt"), json.dumps(batch)],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     remote = torch.load(tmp_path / "remote.pt", weights_only=True)
@@ -353,6 +379,12 @@ def test_export_loads_in_plain_transformers_with_the_same_outputs(tmp_path, tiny
                 assert torch.equal(got, expected)
         ours.set_direction(FRA, DEU)
         tok = ours.tokenizer
-        generated = ours.generate(input_ids=tiny_batch["input_ids"], attention_mask=tiny_batch["attention_mask"],
-                                  forced_bos_token_id=tok.convert_tokens_to_ids(DEU), num_beams=2, max_new_tokens=6, do_sample=False)
+        generated = ours.generate(
+            input_ids=tiny_batch["input_ids"],
+            attention_mask=tiny_batch["attention_mask"],
+            forced_bos_token_id=tok.convert_tokens_to_ids(DEU),
+            num_beams=2,
+            max_new_tokens=6,
+            do_sample=False,
+        )
         assert torch.equal(remote[f"{name}/generate"], generated)

@@ -203,26 +203,101 @@ CASES = [
     model_case("pad-id", {"pad_token_id": 99999}, "pad_token_id must be a token id in 0..vocab_size-1 (4012), got 99999"),
     model_case("config-list", {}, "expected a JSON object"),  # replaced below by a JSON list
     # 2. concurrent runs on one output
-    Case("locked-stats", lambda b: ["stats", "--model", MODEL, "--data", b.flores, "--langs", f"{QBE},{QEN}", "--max-sentences", 4,
-                                     "--resume", "--out", b.stats, "--no-progress"], pid_line,
-         hold=lambda b: claim_output(b.stats, command="stats")),
-    Case("locked-export", lambda b: ["export", "--model", MODEL, "--experts", b.experts, "--langs", f"{QBE},{QEN}", "--out", b.export,
-                                      "--overwrite"], pid_line, hold=lambda b: claim_output(b.export, command="export", kind="directory")),
-    Case("locked-evaluate", lambda b: ["evaluate", "--model", MODEL, "--data", b.flores, "--split", "dev", "--pairs", f"{QBE}-{QEN}",
-                                        "--out", b.scores, "--spm", "none"], pid_line, hold=lambda b: claim_output(b.scores, command="evaluate")),
+    Case(
+        "locked-stats",
+        lambda b: [
+            "stats",
+            "--model",
+            MODEL,
+            "--data",
+            b.flores,
+            "--langs",
+            f"{QBE},{QEN}",
+            "--max-sentences",
+            4,
+            "--resume",
+            "--out",
+            b.stats,
+            "--no-progress",
+        ],
+        pid_line,
+        hold=lambda b: claim_output(b.stats, command="stats"),
+    ),
+    Case(
+        "locked-export",
+        lambda b: ["export", "--model", MODEL, "--experts", b.experts, "--langs", f"{QBE},{QEN}", "--out", b.export, "--overwrite"],
+        pid_line,
+        hold=lambda b: claim_output(b.export, command="export", kind="directory"),
+    ),
+    Case(
+        "locked-evaluate",
+        lambda b: ["evaluate", "--model", MODEL, "--data", b.flores, "--split", "dev", "--pairs", f"{QBE}-{QEN}", "--out", b.scores, "--spm", "none"],
+        pid_line,
+        hold=lambda b: claim_output(b.scores, command="evaluate"),
+    ),
     # 3. --resume with other data
-    Case("resume-other-data", lambda b: ["stats", "--model", MODEL, "--data", b.inputs / "flores-changed", "--langs", f"{QBE},{QEN}",
-                                          "--max-sentences", 4, "--resume", "--out", b.stats, "--no-progress"],
-         lambda b: ["--resume", str(b.stats), "other sentences", f"{QBE}.dev", "sha256"]),
+    Case(
+        "resume-other-data",
+        lambda b: [
+            "stats",
+            "--model",
+            MODEL,
+            "--data",
+            b.inputs / "flores-changed",
+            "--langs",
+            f"{QBE},{QEN}",
+            "--max-sentences",
+            4,
+            "--resume",
+            "--out",
+            b.stats,
+            "--no-progress",
+        ],
+        lambda b: ["--resume", str(b.stats), "other sentences", f"{QBE}.dev", "sha256"],
+    ),
     # 4. evaluate and translate check every direction before translating
-    Case("evaluate-unknown-code", lambda b: ["evaluate", "--model", MODEL, "--data", b.inputs / "flores-extra", "--split", "dev",
-                                              "--pairs", f"{QBE}-{QEN},{QEN}-xyz_Latn", "--out", b.scores, "--spm", "none", "--beam", 1],
-         same(f"direction {QEN}-xyz_Latn: target language 'xyz_Latn' is not a language code of this model's tokenizer", "it knows 10 codes: qbe_Latn")),
-    Case("stats-unknown-code", lambda b: ["stats", "--model", MODEL, "--data", b.inputs / "flores-extra", "--langs", f"{QBE},xyz_Latn",
-                                           "--out", b.out / "new-dir" / "stats.safetensors", "--no-progress"],  # and no empty new-dir/ left
-         same("the model's tokenizer has no language code for ['xyz_Latn']; it knows 10 codes: qbe_Latn")),
-    Case("translate-unknown-code", lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", "xyz_Latn", "--input", b.inputs / "sentences.txt"],
-         same("--tgt 'xyz_Latn' is not a language code", "it knows 10 codes: qbe_Latn, qbo_Latn")),
+    Case(
+        "evaluate-unknown-code",
+        lambda b: [
+            "evaluate",
+            "--model",
+            MODEL,
+            "--data",
+            b.inputs / "flores-extra",
+            "--split",
+            "dev",
+            "--pairs",
+            f"{QBE}-{QEN},{QEN}-xyz_Latn",
+            "--out",
+            b.scores,
+            "--spm",
+            "none",
+            "--beam",
+            1,
+        ],
+        same(f"direction {QEN}-xyz_Latn: target language 'xyz_Latn' is not a language code of this model's tokenizer", "it knows 10 codes: qbe_Latn"),
+    ),
+    Case(
+        "stats-unknown-code",
+        lambda b: [
+            "stats",
+            "--model",
+            MODEL,
+            "--data",
+            b.inputs / "flores-extra",
+            "--langs",
+            f"{QBE},xyz_Latn",
+            "--out",
+            b.out / "new-dir" / "stats.safetensors",
+            "--no-progress",
+        ],  # and no empty new-dir/ left
+        same("the model's tokenizer has no language code for ['xyz_Latn']; it knows 10 codes: qbe_Latn"),
+    ),
+    Case(
+        "translate-unknown-code",
+        lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", "xyz_Latn", "--input", b.inputs / "sentences.txt"],
+        same("--tgt 'xyz_Latn' is not a language code", "it knows 10 codes: qbe_Latn, qbo_Latn"),
+    ),
     # 5. an unwritable output location, in every writing command, before any work
     unwritable("stats", lambda b, o: ["stats", "--model", MODEL, "--data", b.flores, "--langs", f"{QBE},{QEN}", "--out", o, "--no-progress"]),
     unwritable("merge-stats", lambda b, o: ["merge-stats", b.stats, "--out", o]),
@@ -233,76 +308,205 @@ CASES = [
     unwritable("stability", lambda b, o: ["stability", "--stats", b.stats, "--out", o]),
     unwritable("export", lambda b, o: ["export", "--model", MODEL, "--experts", b.experts, "--langs", f"{QBE},{QEN}", "--out", o]),
     unwritable("convert", lambda b, o: ["convert", MODEL, "--out", o]),
-    unwritable("translate", lambda b, o: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN, "--input", b.inputs / "sentences.txt", "--output", o], flag="--output"),
+    unwritable(
+        "translate",
+        lambda b, o: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN, "--input", b.inputs / "sentences.txt", "--output", o],
+        flag="--output",
+    ),
     unwritable("evaluate", lambda b, o: ["evaluate", "--model", MODEL, "--data", b.flores, "--split", "dev", "--pairs", f"{QBE}-{QEN}", "--out", o]),
     unwritable("train-lid", lambda b, o: ["train-lid", "--data", b.flores, "--out", o]),
-    Case("out-is-a-directory", lambda b: ["select", "--stats", b.stats, "--out", b.out / "scores.hyp"],
-         lambda b: [f"--out {b.out / 'scores.hyp'} is a directory; expected the name of a file"]),
-    Case("export-out-is-a-file", lambda b: ["export", "--model", MODEL, "--experts", b.experts, "--langs", f"{QBE},{QEN}", "--out", b.scores, "--overwrite"],
-         lambda b: [f"--out {b.scores} is a file; expected a directory"]),
-    Case("export-overwrite-bad-index", lambda b: ["export", "--model", MODEL, "--experts", b.text("bad-index.json", "{\"qbe_Latn\": [1,"),
-                                                   "--langs", f"{QBE},{QEN}", "--out", b.export, "--overwrite"],
-         lambda b: [f"expert index {b.inputs / 'bad-index.json'} is not valid JSON (line 1"]),
+    Case(
+        "out-is-a-directory",
+        lambda b: ["select", "--stats", b.stats, "--out", b.out / "scores.hyp"],
+        lambda b: [f"--out {b.out / 'scores.hyp'} is a directory; expected the name of a file"],
+    ),
+    Case(
+        "export-out-is-a-file",
+        lambda b: ["export", "--model", MODEL, "--experts", b.experts, "--langs", f"{QBE},{QEN}", "--out", b.scores, "--overwrite"],
+        lambda b: [f"--out {b.scores} is a file; expected a directory"],
+    ),
+    Case(
+        "export-overwrite-bad-index",
+        lambda b: [
+            "export",
+            "--model",
+            MODEL,
+            "--experts",
+            b.text("bad-index.json", '{"qbe_Latn": [1,'),
+            "--langs",
+            f"{QBE},{QEN}",
+            "--out",
+            b.export,
+            "--overwrite",
+        ],
+        lambda b: [f"expert index {b.inputs / 'bad-index.json'} is not valid JSON (line 1"],
+    ),
     # 5. malformed files
-    Case("yaml-syntax", lambda b: ["select", "--config", b.text("bad.yaml", "stats: [a,\nratio: 0.5\n"), "--out", b.out / "new.json"],
-         lambda b: [f"--config {b.inputs / 'bad.yaml'} is not valid YAML (line"]),
-    Case("yaml-list", lambda b: ["select", "--config", b.text("list.yaml", "- stats\n- out\n"), "--out", b.out / "new.json"],
-         lambda b: [f"--config {b.inputs / 'list.yaml'} must hold a mapping of keys", "found a YAML list"]),
-    Case("corrupt-spm", lambda b: ["translate", "--model", b.variant("spm", files={"sentencepiece.bpe.model": b"\x00not a sentencepiece model" * 40}),
-                                    "--src", QBE, "--tgt", QEN, "--input", b.inputs / "sentences.txt"],
-         same("cannot load the tokenizer", "could not parse ModelProto", "sentencepiece.bpe.model")),
-    Case("tokenizer-config", lambda b: ["translate", "--model", b.variant("tokcfg", files={"tokenizer_config.json": "{\"model_max_length\": "}),
-                                         "--src", QBE, "--tgt", QEN, "--input", b.inputs / "sentences.txt"],
-         same("tokenizer config", "tokenizer_config.json is not valid JSON (line 1")),
-    Case("manifest-syntax", lambda b: ["info", b.variant("manifest-syntax", source=b.export, files={"pruning_manifest.json": "{\"format\": "})],
-         same("pruning_manifest.json: not a readable JSON manifest")),
-    Case("manifest-list", lambda b: ["info", b.variant("manifest-list", source=b.export, files={"pruning_manifest.json": "[]"})],
-         same("pruning_manifest.json: not an nllb-prune export manifest (format 'list'")),
-    Case("manifest-experts", lambda b: ["translate", "--model", b.variant("manifest-experts", source=b.export, files={"pruning_manifest.json": wrong_experts(b)}),
-                                         "--src", QBE, "--tgt", QEN, "--input", b.inputs / "sentences.txt"],
-         same("'experts' does not list the experts the weights hold", "encoder layer 1")),
-    Case("index-list", lambda b: ["info", b.variant("index-list", source=b.inputs / "sharded", files={"model.safetensors.index.json": "[1, 2]"})],
-         same("model.safetensors.index.json: malformed shard index", "got a JSON list")),
-    Case("index-null", lambda b: ["info", b.variant("index-null", source=b.inputs / "sharded", files={"model.safetensors.index.json": "{\"weight_map\": null}"})],
-         same("model.safetensors.index.json: malformed shard index", "'weight_map': NoneType")),
-    Case("input-latin1", lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN, "--input", b.text("latin1.txt", BAD_UTF8)],
-         lambda b: [f"--input {b.inputs / 'latin1.txt'} is not valid UTF-8: line 2, byte 22"]),
-    Case("stdin-latin1", lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN], same("stdin is not valid UTF-8: line 2, byte 22"), stdin=BAD_UTF8),
-    Case("device-cuda", lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN, "--input", b.inputs / "sentences.txt", "--device", "cuda"],
-         same("--device cuda: this torch", "CPU-only build; use --device cpu"), marks=[NO_CUDA]),
-    Case("stats-device-cuda", lambda b: ["stats", "--model", MODEL, "--data", b.flores, "--langs", f"{QBE},{QEN}", "--out", b.out / "new.safetensors",
-                                          "--device", "cuda:0"], same("--device cuda:0: this torch"), marks=[NO_CUDA]),
-    Case("dash-value", lambda b: ["select", "--stats", b.stats, "--out", b.out / "new.json", "--enc-dec", "-1:3"],
-         same("--enc-dec parts must be positive, got '-1:3'")),
-    Case("missing-value", lambda b: ["select", "--stats", b.stats, "--out", b.out / "new.json", "--ratio"],
-         same("argument --ratio: expected one argument (see nllb-prune select --help)")),
-    Case("flag-as-value", lambda b: ["stats", "--model", MODEL, "--data", b.flores, "--langs", f"{QBE},{QEN}", "--out", "--resume"],
-         same("argument --out: expected one argument")),
+    Case(
+        "yaml-syntax",
+        lambda b: ["select", "--config", b.text("bad.yaml", "stats: [a,\nratio: 0.5\n"), "--out", b.out / "new.json"],
+        lambda b: [f"--config {b.inputs / 'bad.yaml'} is not valid YAML (line"],
+    ),
+    Case(
+        "yaml-list",
+        lambda b: ["select", "--config", b.text("list.yaml", "- stats\n- out\n"), "--out", b.out / "new.json"],
+        lambda b: [f"--config {b.inputs / 'list.yaml'} must hold a mapping of keys", "found a YAML list"],
+    ),
+    Case(
+        "corrupt-spm",
+        lambda b: [
+            "translate",
+            "--model",
+            b.variant("spm", files={"sentencepiece.bpe.model": b"\x00not a sentencepiece model" * 40}),
+            "--src",
+            QBE,
+            "--tgt",
+            QEN,
+            "--input",
+            b.inputs / "sentences.txt",
+        ],
+        same("cannot load the tokenizer", "could not parse ModelProto", "sentencepiece.bpe.model"),
+    ),
+    Case(
+        "tokenizer-config",
+        lambda b: [
+            "translate",
+            "--model",
+            b.variant("tokcfg", files={"tokenizer_config.json": '{"model_max_length": '}),
+            "--src",
+            QBE,
+            "--tgt",
+            QEN,
+            "--input",
+            b.inputs / "sentences.txt",
+        ],
+        same("tokenizer config", "tokenizer_config.json is not valid JSON (line 1"),
+    ),
+    Case(
+        "manifest-syntax",
+        lambda b: ["info", b.variant("manifest-syntax", source=b.export, files={"pruning_manifest.json": '{"format": '})],
+        same("pruning_manifest.json: not a readable JSON manifest"),
+    ),
+    Case(
+        "manifest-list",
+        lambda b: ["info", b.variant("manifest-list", source=b.export, files={"pruning_manifest.json": "[]"})],
+        same("pruning_manifest.json: not an nllb-prune export manifest (format 'list'"),
+    ),
+    Case(
+        "manifest-experts",
+        lambda b: [
+            "translate",
+            "--model",
+            b.variant("manifest-experts", source=b.export, files={"pruning_manifest.json": wrong_experts(b)}),
+            "--src",
+            QBE,
+            "--tgt",
+            QEN,
+            "--input",
+            b.inputs / "sentences.txt",
+        ],
+        same("'experts' does not list the experts the weights hold", "encoder layer 1"),
+    ),
+    Case(
+        "index-list",
+        lambda b: ["info", b.variant("index-list", source=b.inputs / "sharded", files={"model.safetensors.index.json": "[1, 2]"})],
+        same("model.safetensors.index.json: malformed shard index", "got a JSON list"),
+    ),
+    Case(
+        "index-null",
+        lambda b: ["info", b.variant("index-null", source=b.inputs / "sharded", files={"model.safetensors.index.json": '{"weight_map": null}'})],
+        same("model.safetensors.index.json: malformed shard index", "'weight_map': NoneType"),
+    ),
+    Case(
+        "input-latin1",
+        lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN, "--input", b.text("latin1.txt", BAD_UTF8)],
+        lambda b: [f"--input {b.inputs / 'latin1.txt'} is not valid UTF-8: line 2, byte 22"],
+    ),
+    Case(
+        "stdin-latin1", lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN], same("stdin is not valid UTF-8: line 2, byte 22"), stdin=BAD_UTF8
+    ),
+    Case(
+        "device-cuda",
+        lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN, "--input", b.inputs / "sentences.txt", "--device", "cuda"],
+        same("--device cuda: this torch", "CPU-only build; use --device cpu"),
+        marks=[NO_CUDA],
+    ),
+    Case(
+        "stats-device-cuda",
+        lambda b: ["stats", "--model", MODEL, "--data", b.flores, "--langs", f"{QBE},{QEN}", "--out", b.out / "new.safetensors", "--device", "cuda:0"],
+        same("--device cuda:0: this torch"),
+        marks=[NO_CUDA],
+    ),
+    Case(
+        "dash-value",
+        lambda b: ["select", "--stats", b.stats, "--out", b.out / "new.json", "--enc-dec", "-1:3"],
+        same("--enc-dec parts must be positive, got '-1:3'"),
+    ),
+    Case(
+        "missing-value",
+        lambda b: ["select", "--stats", b.stats, "--out", b.out / "new.json", "--ratio"],
+        same("argument --ratio: expected one argument (see nllb-prune select --help)"),
+    ),
+    Case(
+        "flag-as-value",
+        lambda b: ["stats", "--model", MODEL, "--data", b.flores, "--langs", f"{QBE},{QEN}", "--out", "--resume"],
+        same("argument --out: expected one argument"),
+    ),
     # 6. inputs users pass
-    Case("input-directory", lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN, "--input", b.inputs],
-         lambda b: [f"--input {b.inputs} is a directory"]),
-    Case("long-line", lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN, "--input", b.text("long.txt", "Uno fino minira.\n" + "sosa " * 400 + "\n")],
-         lambda b: [f"line 2 of {b.inputs / 'long.txt'} has", "more than the 256 positions the model reads", "--long-input truncate", "or split"]),
+    Case(
+        "input-directory",
+        lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN, "--input", b.inputs],
+        lambda b: [f"--input {b.inputs} is a directory"],
+    ),
+    Case(
+        "long-line",
+        lambda b: ["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN, "--input", b.text("long.txt", "Uno fino minira.\n" + "sosa " * 400 + "\n")],
+        lambda b: [f"line 2 of {b.inputs / 'long.txt'} has", "more than the 256 positions the model reads", "--long-input truncate", "or split"],
+    ),
     # 7. merge-stats
-    Case("merge-self", lambda b: ["merge-stats", b.stats, b.stats, "--out", b.out / "merged.safetensors"],
-         lambda b: [f"{b.stats} is given twice", "added to themselves"]),
-    Case("merge-into-input", lambda b: ["merge-stats", b.stats, b.inputs / "lines-2-5.safetensors", "--out", b.stats],
-         lambda b: [f"--out {b.stats} is also an input"]),
+    Case(
+        "merge-self",
+        lambda b: ["merge-stats", b.stats, b.stats, "--out", b.out / "merged.safetensors"],
+        lambda b: [f"{b.stats} is given twice", "added to themselves"],
+    ),
+    Case(
+        "merge-into-input",
+        lambda b: ["merge-stats", b.stats, b.inputs / "lines-2-5.safetensors", "--out", b.stats],
+        lambda b: [f"--out {b.stats} is also an input"],
+    ),
     Case("select-into-stats", lambda b: ["select", "--stats", b.stats, "--out", b.stats], lambda b: [f"--out {b.stats} is also an input (--stats {b.stats})"]),
-    Case("merge-overlap", lambda b: ["merge-stats", b.stats, b.inputs / "lines-2-5.safetensors", "--out", b.out / "merged.safetensors"],
-         same(f"direction {QBE}-{QEN} was counted over lines 2..5 there and over lines 0..3", "the ranges overlap")),
+    Case(
+        "merge-overlap",
+        lambda b: ["merge-stats", b.stats, b.inputs / "lines-2-5.safetensors", "--out", b.out / "merged.safetensors"],
+        same(f"direction {QBE}-{QEN} was counted over lines 2..5 there and over lines 0..3", "the ranges overlap"),
+    ),
     # plan (issue 13)
-    Case("plan-memory-format", lambda b: ["plan", "--model", "nllb-moe-54b", "--gpu-mem", "32 gigs"],
-         same("--gpu-mem must be a size like 32GB, 24GiB, 80G or 512MB, got '32 gigs'")),
-    Case("plan-negative-batch", lambda b: ["plan", "--model", "nllb-moe-54b", "--gpu-mem", "32GB", "--batch", "-4"],
-         same("--batch must be a positive integer, got -4")),
-    Case("plan-foreign-selection", lambda b: ["plan", "--model", "nllb-moe-54b", "--gpu-mem", "32GB", "--experts", b.experts, "--langs", f"{QBE},{QEN}"],
-         lambda b: [f"{b.experts} does not fit this model"]),
-    Case("plan-unknown-model", lambda b: ["plan", "--model", "nllb-moe-3b", "--gpu-mem", "32GB"],
-         same("--model 'nllb-moe-3b' is neither a checkpoint path nor a preset (nllb-moe-54b)")),
+    Case(
+        "plan-memory-format",
+        lambda b: ["plan", "--model", "nllb-moe-54b", "--gpu-mem", "32 gigs"],
+        same("--gpu-mem must be a size like 32GB, 24GiB, 80G or 512MB, got '32 gigs'"),
+    ),
+    Case(
+        "plan-negative-batch",
+        lambda b: ["plan", "--model", "nllb-moe-54b", "--gpu-mem", "32GB", "--batch", "-4"],
+        same("--batch must be a positive integer, got -4"),
+    ),
+    Case(
+        "plan-foreign-selection",
+        lambda b: ["plan", "--model", "nllb-moe-54b", "--gpu-mem", "32GB", "--experts", b.experts, "--langs", f"{QBE},{QEN}"],
+        lambda b: [f"{b.experts} does not fit this model"],
+    ),
+    Case(
+        "plan-unknown-model",
+        lambda b: ["plan", "--model", "nllb-moe-3b", "--gpu-mem", "32GB"],
+        same("--model 'nllb-moe-3b' is neither a checkpoint path nor a preset (nllb-moe-54b)"),
+    ),
 ]
-CASES[7] = Case("config-list", lambda b: ["info", b.variant("config-list", files={"config.json": "[16]"})],
-                lambda b: [f"{b.inputs / 'variants' / 'config-list' / 'config.json'}: expected a JSON object of config keys, found a JSON list"])
+CASES[7] = Case(
+    "config-list",
+    lambda b: ["info", b.variant("config-list", files={"config.json": "[16]"})],
+    lambda b: [f"{b.inputs / 'variants' / 'config-list' / 'config.json'}: expected a JSON object of config keys, found a JSON list"],
+)
 
 
 def wrong_experts(b: Bed) -> str:
@@ -346,8 +550,9 @@ def test_bad_input_in_a_real_process(case_id: str, bed: Bed):
     case = next(c for c in CASES if c.id == case_id)
     argv = [str(a) for a in case.argv(bed)]
     before = snapshot(bed.out)
-    done = subprocess.run([sys.executable, "-m", "pruning", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "pruning", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().split("\n")) == 1, done.stderr
     assert all(part in done.stderr for part in case.expect(bed)), done.stderr
@@ -424,8 +629,27 @@ def test_outputs_follow_the_umask(bed: Bed, tmp_path):
 # ---- evaluate writes its three outputs as one set -----------------------------------------------------
 def test_evaluate_failing_midway_keeps_the_previous_set(bed: Bed, tmp_path, monkeypatch, capsys):
     out = tmp_path / "scores.tsv"
-    argv = ["evaluate", "--model", MODEL, "--data", bed.flores, "--split", "dev", "--pairs", f"{QBE}-{QEN},{QEN}-{QBE}",
-            "--out", out, "--spm", "none", "--beam", 1, "--max-length", 8, "--max-sentences", 2]
+    argv = [
+        "evaluate",
+        "--model",
+        MODEL,
+        "--data",
+        bed.flores,
+        "--split",
+        "dev",
+        "--pairs",
+        f"{QBE}-{QEN},{QEN}-{QBE}",
+        "--out",
+        out,
+        "--spm",
+        "none",
+        "--beam",
+        1,
+        "--max-length",
+        8,
+        "--max-sentences",
+        2,
+    ]
     assert run_cli(argv) == 0
     before = snapshot(tmp_path)
     import pruning.translate
@@ -470,8 +694,32 @@ def test_long_input_is_truncated_or_split_with_a_warning(choice: str, pieces: in
     long = " ".join(["sosa"] * 600)  # 600 tokens: 3 pieces of at most 254 + the code and </s>
     source = tmp_path / "in.txt"
     source.write_text(f"Uno fino minira.\n{long}\n", encoding="utf-8")
-    assert run_cli(["translate", "--model", MODEL, "--src", QBE, "--tgt", QEN, "--input", source, "--beam", 1, "--max-length", 4,
-                    "--long-input", choice, "--device", "cpu", "--output", tmp_path / "out.txt"]) == 0
+    assert (
+        run_cli(
+            [
+                "translate",
+                "--model",
+                MODEL,
+                "--src",
+                QBE,
+                "--tgt",
+                QEN,
+                "--input",
+                source,
+                "--beam",
+                1,
+                "--max-length",
+                4,
+                "--long-input",
+                choice,
+                "--device",
+                "cpu",
+                "--output",
+                tmp_path / "out.txt",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert f"warning: line 2 of {source} has " in err and "more than the 256 positions" in err
     assert len(calls) == 1 + pieces and max(calls) <= 256
@@ -491,14 +739,37 @@ def test_split_cuts_before_a_word_when_it_can():
 # ---- merge-stats: the documented per-language workflow --------------------------------------------------
 def test_per_language_files_merge_without_counting_a_direction_twice(bed: Bed, tmp_path, capsys):
     def collect(lang: str, partners: str, out: Path, *extra: Any) -> RoutingStats:
-        assert run_cli(["stats", "--model", MODEL, "--data", bed.flores, "--lang", lang, "--partners", partners,
-                        "--max-sentences", 3, "--out", out, "--no-progress", *extra]) == 0
+        assert (
+            run_cli(
+                [
+                    "stats",
+                    "--model",
+                    MODEL,
+                    "--data",
+                    bed.flores,
+                    "--lang",
+                    lang,
+                    "--partners",
+                    partners,
+                    "--max-sentences",
+                    3,
+                    "--out",
+                    out,
+                    "--no-progress",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         return RoutingStats.load(out)
 
     qbe = collect(QBE, f"{QEN},{QKA}", tmp_path / "qbe.safetensors")
     qen = collect(QEN, f"{QBE},{QKA}", tmp_path / "qen.safetensors")
     assert run_cli(["merge-stats", tmp_path / "qbe.safetensors", tmp_path / "qen.safetensors", "--out", tmp_path / "all.safetensors"]) == 0
-    assert f"merged 2 file(s), 6 direction(s) (2 of them counted over the same sentences in several files, kept once: {QBE}-{QEN}, {QEN}-{QBE})" in capsys.readouterr().out
+    assert (
+        f"merged 2 file(s), 6 direction(s) (2 of them counted over the same sentences in several files, kept once: {QBE}-{QEN}, {QEN}-{QBE})"
+        in capsys.readouterr().out
+    )
     merged = RoutingStats.load(tmp_path / "all.safetensors")
     for direction, side, name, value in merged.items():
         alone = (qbe if direction in qbe.counters else qen).counters[direction][side][name]
@@ -514,7 +785,10 @@ def test_per_language_files_merge_without_counting_a_direction_twice(bed: Bed, t
     tampered.save(tmp_path / "tampered.safetensors")
     capsys.readouterr()
     assert run_cli(["merge-stats", tmp_path / "qbe.safetensors", tmp_path / "tampered.safetensors", "--out", tmp_path / "bad.safetensors"]) == 2
-    assert f"direction {QBE}-{QEN} was counted over the same sentences (lines 0..2) there and in the file(s) before it, but its counter dec/top1 differs" in capsys.readouterr().err
+    assert (
+        f"direction {QBE}-{QEN} was counted over the same sentences (lines 0..2) there and in the file(s) before it, but its counter dec/top1 differs"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "bad.safetensors").exists()
 
 

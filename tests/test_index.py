@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pruning.errors import UserError
 from pruning.data.directions import DirectionError
+from pruning.errors import UserError
 from pruning.index import (
     ExpertIndex,
     ExpertIndexError,

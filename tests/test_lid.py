@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pruning.translate
 from pruning.cli import main
 from pruning.evaluate import EvaluateError, evaluate_model, read_scores
 from pruning.lid import (
@@ -120,7 +119,11 @@ def good_json(tmp_path) -> dict:
         ("cut.json", lambda d: json.dumps(d)[:40], r"JSON error at line 1"),
         ("other.json", lambda d: json.dumps({**d, "format": "something-else"}), r"'format' must be 'nllb-prune-lid-naive-bayes', found 'something-else'"),
         ("lang.json", lambda d: json.dumps({**d, "languages": ["aaa_Latn", "french"]}), r"'languages' must be a sorted list"),
-        ("index.json", lambda d: json.dumps({**d, "counts": {**d["counts"], "aaa_Latn": [[0, 999], [1, 1]]}}), r"counts of aaa_Latn: index 999 outside the vocabulary of"),
+        (
+            "index.json",
+            lambda d: json.dumps({**d, "counts": {**d["counts"], "aaa_Latn": [[0, 999], [1, 1]]}}),
+            r"counts of aaa_Latn: index 999 outside the vocabulary of",
+        ),
         ("missing.json", lambda d: json.dumps({k: v for k, v in d.items() if k != "vocab"}), r"missing key\(s\) \['vocab'\]"),
         ("model.bin", lambda d: "not fasttext", r"has a fastText extension but is not a fastText model"),
         ("model.txt", lambda d: "__label__fra_Latn hello", r"is not a language-identification model: expected a fastText model"),
@@ -239,8 +242,29 @@ def read_lines(path: Path) -> list[str]:
 
 def test_evaluate_with_lid_equals_the_classifiers_share(tmp_path, model_dir, data, lid_file, capsys):
     out = tmp_path / "scores.tsv"
-    argv = ["evaluate", "--model", str(model_dir), "--data", str(data), "--pairs", f"{FRA}-{DEU},{DEU}-{ENG}", "--out", str(out),
-            "--max-sentences", "4", "--beam", "1", "--max-length", "6", "--device", "cpu", "--spm", "none", "--lid", str(lid_file)]
+    argv = [
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--pairs",
+        f"{FRA}-{DEU},{DEU}-{ENG}",
+        "--out",
+        str(out),
+        "--max-sentences",
+        "4",
+        "--beam",
+        "1",
+        "--max-length",
+        "6",
+        "--device",
+        "cpu",
+        "--spm",
+        "none",
+        "--lid",
+        str(lid_file),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     lid = load_lid(lid_file)
@@ -276,8 +300,9 @@ def test_copies_of_the_source_are_off_target(tmp_path, model_dir, data, lid_file
     sources, refs = read_lines(data / "devtest" / f"{FRA}.devtest"), read_lines(data / "devtest" / f"{ENG}.devtest")
     assert lid.predict([sources[0], sources[1], refs[2], ""]) == [FRA, FRA, ENG, UNDETERMINED]  # the premise
     model = pruning.load_model(model_dir)
-    result = evaluate_model(model, data=data, out=tmp_path / "s.tsv", directions=[(FRA, ENG)], max_sentences=4, spm="none",
-                            lid=lid, progress=False, log=lambda _: None)
+    result = evaluate_model(
+        model, data=data, out=tmp_path / "s.tsv", directions=[(FRA, ENG)], max_sentences=4, spm="none", lid=lid, progress=False, log=lambda _: None
+    )
     assert result.scores[0].off_target == 75.0 and result.summary["mean"]["off_target"] == 75.0
     assert off_target_rate([ENG, ENG], ENG) == 0.0
 
@@ -285,8 +310,17 @@ def test_copies_of_the_source_are_off_target(tmp_path, model_dir, data, lid_file
 def test_without_lid_outputs_are_unchanged(tmp_path, model_dir, data):
     import pruning
 
-    result = evaluate_model(pruning.load_model(model_dir), data=data, out=tmp_path / "s.tsv", directions=[(FRA, DEU)], max_sentences=2,
-                            options=DecodingOptions(beam=1, max_length=3), spm="none", progress=False, log=lambda _: None)
+    result = evaluate_model(
+        pruning.load_model(model_dir),
+        data=data,
+        out=tmp_path / "s.tsv",
+        directions=[(FRA, DEU)],
+        max_sentences=2,
+        options=DecodingOptions(beam=1, max_length=3),
+        spm="none",
+        progress=False,
+        log=lambda _: None,
+    )
     assert read_lines(tmp_path / "s.tsv")[0] == "direction\tspBLEU\tchrF++\tlen_ratio"
     assert "lid" not in result.summary and "off_target" not in result.summary["mean"]
     assert "off_target" not in result.summary["scores"][f"{FRA}-{DEU}"] and "|lid:" not in result.summary["signature"]
@@ -295,8 +329,21 @@ def test_without_lid_outputs_are_unchanged(tmp_path, model_dir, data):
 
 def test_target_unknown_to_the_lid_fails_before_translating(tmp_path, model_dir, data, capsys):
     lid = train_naive_bayes({FRA: synthetic(FRA, 5, seed=0), DEU: synthetic(DEU, 5, seed=0)}).save(tmp_path / "two.json")
-    argv = ["evaluate", "--model", str(tmp_path / "no-model"), "--data", str(data), "--pairs", f"{FRA}-{ENG}", "--out", str(tmp_path / "s.tsv"),
-            "--spm", "none", "--lid", str(lid)]
+    argv = [
+        "evaluate",
+        "--model",
+        str(tmp_path / "no-model"),
+        "--data",
+        str(data),
+        "--pairs",
+        f"{FRA}-{ENG}",
+        "--out",
+        str(tmp_path / "s.tsv"),
+        "--spm",
+        "none",
+        "--lid",
+        str(lid),
+    ]
     assert main(argv) == 2
     assert f"target language(s) ['{ENG}'] are not among the 2 languages it identifies ({DEU}, {FRA})" in capsys.readouterr().err
     assert not (tmp_path / "s.hyp").exists()

@@ -165,9 +165,7 @@ def test_mean_aggregation_names_a_direction_without_tokens() -> None:
     with pytest.raises(MetricError, match="eng_Latn-zul_Latn/dec: no tokens"):
         aggregate_metric("top1", [("fra_Latn-zul_Latn/dec", a), ("eng_Latn-zul_Latn/dec", empty)], how="mean")
     # by tokens the empty direction simply adds nothing
-    torch.testing.assert_close(
-        aggregate_metric("top1", [("a", a), ("b", empty)], how="tokens"), torch.tensor([[0.5, 0.5]], dtype=torch.float64)
-    )
+    torch.testing.assert_close(aggregate_metric("top1", [("a", a), ("b", empty)], how="tokens"), torch.tensor([[0.5, 0.5]], dtype=torch.float64))
     with pytest.raises(MetricError, match="--aggregate must be one of tokens, mean"):
         aggregate_metric("top1", [("a", a)], how="median")  # type: ignore[arg-type]
 

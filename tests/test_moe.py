@@ -241,8 +241,7 @@ GROUPED_CASES = {
 def _grouped_equals_loop(name: str, dtype: torch.dtype, device: torch.device) -> None:
     case = GROUPED_CASES[name]
     width, ffn = 16, 32  # rows must be multiples of 16 bytes for torch._grouped_mm
-    layer = MoeLayer(d_model=width, ffn_dim=ffn, expert_ids=case.get("ids", list(range(case["experts"]))),
-                     capacity_fraction=case.get("capacity", 1.0)).eval()
+    layer = MoeLayer(d_model=width, ffn_dim=ffn, expert_ids=case.get("ids", list(range(case["experts"]))), capacity_fraction=case.get("capacity", 1.0)).eval()
     g = torch.Generator().manual_seed(len(name))
     with torch.no_grad():
         for p in layer.parameters():
@@ -251,7 +250,7 @@ def _grouped_equals_loop(name: str, dtype: torch.dtype, device: torch.device) ->
     hidden = torch.randn(case["batch"], case["seq"], width, generator=g).to(device=device, dtype=dtype)
     mask = torch.ones(case["batch"], case["seq"], dtype=torch.long, device=device)
     if case["pad"]:
-        mask[-1, -case["pad"]:] = 0
+        mask[-1, -case["pad"] :] = 0
     with torch.no_grad():
         layer.dispatch = moe_module.sorted_loop_dispatch
         expected, _ = layer(hidden, mask)

@@ -103,14 +103,35 @@ def test_plan_agrees_with_measured_load_and_statistics_peaks(small_rehearsal, tm
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     loaded = measure([*python, "experiments.fullwidth.probe", "load", str(small_rehearsal)], env=env, drop_cache=False)
     assert loaded.returncode == 0
-    stats = measure([*python, "pruning", "stats", "--model", str(small_rehearsal), "--data", str(ROOT / "experiments/testbed/data/flores"),
-                     "--split", "dev", "--langs", "qen_Latn,qbr_Cyrl", "--max-sentences", "8", "--out", str(tmp_path / "s.safetensors"),
-                     "--no-progress"], env=env, drop_cache=False)
+    stats = measure(
+        [
+            *python,
+            "pruning",
+            "stats",
+            "--model",
+            str(small_rehearsal),
+            "--data",
+            str(ROOT / "experiments/testbed/data/flores"),
+            "--split",
+            "dev",
+            "--langs",
+            "qen_Latn,qbr_Cyrl",
+            "--max-sentences",
+            "8",
+            "--out",
+            str(tmp_path / "s.safetensors"),
+            "--no-progress",
+        ],
+        env=env,
+        drop_cache=False,
+    )
     assert stats.returncode == 0, stats.output_tail
     plan = _cpu_plan(small_rehearsal, batch_tokens=512)
     planned_load = plan["translation_full_model"]["weights_bytes"] + plan["translation_full_model"]["bytes"]["runtime"]
     planned_stats = plan["statistics"]["total_bytes"]
-    print(f"load: planned {planned_load / 1e9:.3f} GB, measured {loaded.peak_rss_anon_bytes / 1e9:.3f} GB; "
-          f"stats: planned {planned_stats / 1e9:.3f} GB, measured {stats.peak_rss_anon_bytes / 1e9:.3f} GB")
+    print(
+        f"load: planned {planned_load / 1e9:.3f} GB, measured {loaded.peak_rss_anon_bytes / 1e9:.3f} GB; "
+        f"stats: planned {planned_stats / 1e9:.3f} GB, measured {stats.peak_rss_anon_bytes / 1e9:.3f} GB"
+    )
     assert abs(planned_load - loaded.peak_rss_anon_bytes) <= 0.10 * loaded.peak_rss_anon_bytes
     assert abs(planned_stats - stats.peak_rss_anon_bytes) <= 0.10 * stats.peak_rss_anon_bytes

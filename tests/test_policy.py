@@ -69,8 +69,14 @@ def exports(tmp_path_factory, tiny_hf_dir, index_path, stats_path) -> dict[str, 
     root = tmp_path_factory.mktemp("policy_exports")
     return {
         policy: export_checkpoint(
-            tiny_hf_dir, experts=index_path, out=root / policy, directions=[(FRA, DEU)], dtype=torch.float32,
-            progress=False, policy=policy, stats=stats_path,
+            tiny_hf_dir,
+            experts=index_path,
+            out=root / policy,
+            directions=[(FRA, DEU)],
+            dtype=torch.float32,
+            progress=False,
+            policy=policy,
+            stats=stats_path,
         )
         for policy in ("drop", "substitute", "merge")
     }
@@ -200,7 +206,7 @@ def test_merge_layer_sends_pruned_rows_to_their_merged_expert(dispatch):
             continue
         serving = [into.get(e, e) for e, _ in choices]
         both_same += serving[0] == serving[1]
-        for (e, w), k in zip(choices, serving):
+        for (_e, w), k in zip(choices, serving):
             m = merged[k]
             y = torch.relu(x[t] @ m["fc1_weight"].T + m["fc1_bias"]) @ m["fc2_weight"].T + m["fc2_bias"]
             expected[t] += w * (1 - EOM) * y
@@ -259,7 +265,11 @@ def _plan(policy, *, tiny_model, index_path, stats_path, topology, directions=(f
 
     union = plan_export(read_index(index_path), topology, [tuple(d.split("-")) for d in directions]).union
     return plan_policy(
-        policy, union=union, stats=RoutingStats.load(stats_path), directions=list(directions), topology=topology,
+        policy,
+        union=union,
+        stats=RoutingStats.load(stats_path),
+        directions=list(directions),
+        topology=topology,
         router=lambda side, layer: tiny_model.moe_layer(side, layer).router.weight.detach(),
     )
 
@@ -354,8 +364,16 @@ def test_translate_and_stats_work_on_policy_exports(exports, tiny_model):
 
 
 def test_multi_direction_policy_export_masks_only_kept_rows(tmp_path, tiny_hf_dir, index_path, stats_path, tiny_batch):
-    out = export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / "multi", directions=parse_directions(langs=list(ef.LANGS)),
-                            dtype=torch.float32, progress=False, policy="substitute", stats=stats_path)
+    out = export_checkpoint(
+        tiny_hf_dir,
+        experts=index_path,
+        out=tmp_path / "multi",
+        directions=parse_directions(langs=list(ef.LANGS)),
+        dtype=torch.float32,
+        progress=False,
+        policy="substitute",
+        stats=stats_path,
+    )
     model = load_model(out)
     model.set_direction(FRA, DEU)
     moe = model.moe_layer("encoder", 3)
@@ -426,15 +444,27 @@ def test_policy_exports_load_in_plain_transformers_with_the_same_outputs(tmp_pat
     import sys
 
     outs = {
-        policy: export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / policy, directions=parse_directions(langs=list(ef.LANGS)),
-                                  dtype=torch.float32, progress=False, policy=policy, stats=stats_path)
+        policy: export_checkpoint(
+            tiny_hf_dir,
+            experts=index_path,
+            out=tmp_path / policy,
+            directions=parse_directions(langs=list(ef.LANGS)),
+            dtype=torch.float32,
+            progress=False,
+            policy=policy,
+            stats=stats_path,
+        )
         for policy in ("skip", "substitute", "merge")
     }
     batch = {k: v.tolist() for k, v in tiny_batch.items()}
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, json.dumps({k: str(v) for k, v in outs.items()}), str(tmp_path / "remote.pt"), json.dumps(batch)],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     remote = torch.load(tmp_path / "remote.pt", weights_only=True)
@@ -451,8 +481,14 @@ def test_policy_exports_load_in_plain_transformers_with_the_same_outputs(tmp_pat
                 else:
                     assert torch.equal(got, expected), f"{policy} bf16 {src}-{tgt}"
             ours.set_direction(FRA, DEU)
-            generated = ours.generate(input_ids=tiny_batch["input_ids"], attention_mask=tiny_batch["attention_mask"],
-                                      forced_bos_token_id=4, num_beams=2, max_new_tokens=5, do_sample=False)
+            generated = ours.generate(
+                input_ids=tiny_batch["input_ids"],
+                attention_mask=tiny_batch["attention_mask"],
+                forced_bos_token_id=4,
+                num_beams=2,
+                max_new_tokens=5,
+                do_sample=False,
+            )
             assert torch.equal(remote[f"{policy}/{name}/generate"], generated), f"{policy} {name} generate"
 
 
@@ -469,8 +505,9 @@ def test_merge_export_streams(tmp_path, monkeypatch):
     index = write_index(ExpertIndex.for_all(kept), tmp_path / "kept.json")
     stats = synthetic_stats(topology, 64, directions=[f"{FRA}-{DEU}"]).save(tmp_path / "stats.safetensors")
     tracker = ef.LoadTracker(monkeypatch)
-    out = export_checkpoint(source, experts=index, out=tmp_path / "merged", dtype=torch.float32, max_shard_bytes=largest_file,
-                            progress=False, policy="merge", stats=stats)
+    out = export_checkpoint(
+        source, experts=index, out=tmp_path / "merged", dtype=torch.float32, max_shard_bytes=largest_file, progress=False, policy="merge", stats=stats
+    )
     print(f"largest file {largest_file} B, largest tensor {largest_tensor} B, checkpoint {reader.total_bytes()} B, peak held {tracker.peak} B")
     assert tracker.peak <= largest_file + 2 * largest_tensor
     assert reader.total_bytes() > 5 * tracker.peak
@@ -485,13 +522,37 @@ def test_prune_passes_the_policy_to_its_export(tmp_path, tiny_hf_dir, stats_path
             stats.add(direction, side, "tokens", value.sum(-1))
     stats_path = stats.save(tmp_path / "stats.safetensors")
     out = tmp_path / "pruned"
-    flags = ["--model", str(tiny_hf_dir), "--stats", str(stats_path), "--src", FRA, "--tgt", DEU, "--ratio", "0.5",
-             "--min-per-layer", "1", "--dtype", "fp32", "--out", str(out)]
+    flags = [
+        "--model",
+        str(tiny_hf_dir),
+        "--stats",
+        str(stats_path),
+        "--src",
+        FRA,
+        "--tgt",
+        DEU,
+        "--ratio",
+        "0.5",
+        "--min-per-layer",
+        "1",
+        "--dtype",
+        "fp32",
+        "--out",
+        str(out),
+    ]
     assert main(["prune", *flags, "--policy", "merge"]) == 0
     manifest = read_manifest(out)
     assert manifest["policy"]["name"] == "merge"
-    again = export_checkpoint(tiny_hf_dir, experts=out / "experts.json", out=tmp_path / "export", directions=[(FRA, DEU)],
-                              dtype=torch.float32, progress=False, policy="merge", stats=stats_path)
+    again = export_checkpoint(
+        tiny_hf_dir,
+        experts=out / "experts.json",
+        out=tmp_path / "export",
+        directions=[(FRA, DEU)],
+        dtype=torch.float32,
+        progress=False,
+        policy="merge",
+        stats=stats_path,
+    )
     torch.testing.assert_close(logits(load_model(out), tiny_batch), logits(load_model(again), tiny_batch), rtol=0, atol=0)
     with pytest.raises(SystemExit) as refused:  # argparse refuses a policy outside its choices
         main(["prune", *flags[:-1], str(tmp_path / "bad"), "--policy", "fold"])
@@ -526,8 +587,14 @@ def test_skip_is_the_full_model_with_the_pruned_experts_silenced(tmp_path, tiny_
 
     full = load_model(tiny_hf_dir, dtype="fp32")
     union = plan_export(read_index(index_path), full.topology, [(FRA, DEU)]).union
-    plan = plan_policy("skip", union=union, stats=None, directions=[f"{FRA}-{DEU}"], topology=full.topology,
-                       router=lambda side, layer: full.moe_layer(side, layer).router.weight.detach())
+    plan = plan_policy(
+        "skip",
+        union=union,
+        stats=None,
+        directions=[f"{FRA}-{DEU}"],
+        topology=full.topology,
+        router=lambda side, layer: full.moe_layer(side, layer).router.weight.detach(),
+    )
     torch.testing.assert_close(logits(apply_policy(full, plan), tiny_batch), logits(skip, tiny_batch), rtol=1e-6, atol=1e-6)
     assert not torch.allclose(logits(skip, tiny_batch), logits(load_model(tiny_hf_dir, dtype="fp32"), tiny_batch), atol=1e-3)
 
@@ -537,8 +604,15 @@ def test_multi_direction_skip_silences_what_each_direction_does_not_keep(tmp_pat
     outside that direction's own set output exactly 0 (union experts included), not a re-routed model."""
     from pruning.manifest import direction_experts
 
-    out = export_checkpoint(tiny_hf_dir, experts=index_path, out=tmp_path / "skip", directions=parse_directions(langs=list(ef.LANGS)),
-                            dtype=torch.float32, progress=False, policy="skip")
+    out = export_checkpoint(
+        tiny_hf_dir,
+        experts=index_path,
+        out=tmp_path / "skip",
+        directions=parse_directions(langs=list(ef.LANGS)),
+        dtype=torch.float32,
+        progress=False,
+        policy="skip",
+    )
     skip = load_model(out)
     silenced_somewhere = False
     for src, tgt in ((FRA, DEU), (ENG, FRA)):

@@ -146,7 +146,7 @@ def test_quantized_layer_matches_the_per_token_reference_on_dequantized_weights(
     hidden = torch.randn(case["batch"], case["seq"], D, generator=g)
     mask = torch.ones(case["batch"], case["seq"], dtype=torch.long)
     if case["pad"]:
-        mask[0, -case["pad"]:] = 0
+        mask[0, -case["pad"] :] = 0
     with torch.no_grad():
         out, _ = quantized(hidden, mask)
     expected = reference(dequantized, hidden.reshape(-1, D), mask.reshape(-1).bool())
@@ -363,8 +363,30 @@ def test_bad_quantize_flags_end_in_one_line_and_status_2(flags, message, tmp_pat
 
 def test_prune_quantizes_too(tmp_path, tiny_hf_dir, policy_stats_file):
     out = tmp_path / "pruned"
-    code = main(["prune", "--model", str(tiny_hf_dir), "--stats", str(policy_stats_file), "--langs", f"{FRA},{DEU}", "--ratio", "0.5", "--min-per-layer", "1",
-                 "--out", str(out), "--quantize", "int4", "--group-size", "8", "--quantize-dense", "--dtype", "fp32"])
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_hf_dir),
+            "--stats",
+            str(policy_stats_file),
+            "--langs",
+            f"{FRA},{DEU}",
+            "--ratio",
+            "0.5",
+            "--min-per-layer",
+            "1",
+            "--out",
+            str(out),
+            "--quantize",
+            "int4",
+            "--group-size",
+            "8",
+            "--quantize-dense",
+            "--dtype",
+            "fp32",
+        ]
+    )
     assert code == 0
     assert json.loads((out / "pruning_manifest.json").read_text())["quantization"] == SPECS["int4-dense"].record()
     load_model(out)
@@ -395,8 +417,14 @@ def test_quantized_export_loads_in_plain_transformers_with_the_same_outputs(name
     out = export(tiny_hf_dir, tmp_path / name, index_path, quantize=SPECS[name])
     batch = {k: v.tolist() for k, v in tiny_batch.items()}
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(out), str(tmp_path / "remote.pt"), json.dumps(batch)],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(out), str(tmp_path / "remote.pt"), json.dumps(batch)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     remote = torch.load(tmp_path / "remote.pt", weights_only=True)
     for dtype in ("fp32", "bf16"):

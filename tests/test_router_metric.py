@@ -12,9 +12,9 @@ from metrics.router import read_router_rows, router_counters, router_distinct
 from pruning.checkpoint import reader as reader_module
 from pruning.checkpoint.torch_zip import LazyTensor
 from pruning.cli import main
+from pruning.data.directions import SHORT_SIDE
 from pruning.index import read_index
 from pruning.select import SelectionError, SelectOptions, select_experts
-from pruning.data.directions import SHORT_SIDE
 from tests.selection_fixtures import simulated_stats
 
 DIRECTIONS = ["fra_Latn-eng_Latn", "eng_Latn-fra_Latn"]
@@ -129,7 +129,10 @@ def test_select_with_router_model_keeps_the_most_distinct_rows(tmp_path, tiny_mo
 def test_select_cli_errors(tmp_path, capsys):
     stats = simulated_stats(DIRECTIONS, tokens=8).save(tmp_path / "stats.safetensors")
     assert main(["select", "--stats", str(stats), "--metric", "router_distinct", "--out", str(tmp_path / "x.json")]) == 2
-    assert "router_distinct is data-free: it scores the checkpoint's router rows, which statistics do not hold; give --router-model CKPT" in capsys.readouterr().err
+    assert (
+        "router_distinct is data-free: it scores the checkpoint's router rows, which statistics do not hold; give --router-model CKPT"
+        in capsys.readouterr().err
+    )
     assert main(["select", "--metric", "importance", "--router-model", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
     assert "missing required setting(s): --stats" in capsys.readouterr().err
 
@@ -141,5 +144,7 @@ def test_pruned_export_is_refused_naming_the_layer(tmp_path, tiny_hf_dir):
 
     index = ef.write_lang_index(tmp_path / "experts.json", open_checkpoint(tiny_hf_dir).topology)
     pruned = export_checkpoint(tiny_hf_dir, experts=index, out=tmp_path / "pruned", directions=parse_directions(pairs=["fra_Latn-deu_Latn"]), progress=False)
-    with pytest.raises(MetricError, match=r"the router of encoder layer 3 has \d+ rows, but the model has 128 experts per layer .* need the unpruned checkpoint"):
+    with pytest.raises(
+        MetricError, match=r"the router of encoder layer 3 has \d+ rows, but the model has 128 experts per layer .* need the unpruned checkpoint"
+    ):
         read_router_rows(pruned)

@@ -17,8 +17,8 @@ from pruning.stats import batches, collect
 from pruning.stats.batches import decoder_inputs
 from pruning.stats.collect import collect_statistics
 from pruning.stats.collector import RoutingCollector, routing_counters
-from pruning.stats.options import StatsOptions
 from pruning.stats.counters import RoutingStats, StatsError
+from pruning.stats.options import StatsOptions
 from pruning.topology import Topology
 from tests.stats_fixtures import LANGS, assert_counters_close, forward_observed, make_flores, reference_counters, triangular
 
@@ -301,7 +301,9 @@ def test_unknown_language_lists_valid_codes(tiny_hf_dir, flores, tmp_path, capsy
     assert rc == 2
     err = capsys.readouterr().err
     assert "'fra_Latm'" in err and "valid codes (3): deu_Latn, eng_Latn, fra_Latn" in err
-    rc = main(["stats", "--model", str(tiny_hf_dir), "--data", str(flores), "--split", "test", "--langs", f"{FRA},{DEU}", "--out", str(tmp_path / "x.safetensors")])
+    rc = main(
+        ["stats", "--model", str(tiny_hf_dir), "--data", str(flores), "--split", "test", "--langs", f"{FRA},{DEU}", "--out", str(tmp_path / "x.safetensors")]
+    )
     assert rc == 2 and "valid splits here: dev, devtest" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -345,10 +347,20 @@ def test_collect_stats_config_and_overrides(tiny_hf_dir, flores, tmp_path):
     """`make collect-stats LANG=...` runs `stats --config conf/collect_stats.yaml lang=...`: the keys must be valid."""
     config = Path(__file__).resolve().parents[1] / "conf" / "collect_stats.yaml"
     out = tmp_path / "fra.safetensors"
-    rc = main([
-        "stats", "--config", str(config), f"model={tiny_hf_dir}", f"data={flores}", f"lang={FRA}",
-        f"partners={DEU},{ENG}", "max_sentences=2", f"out={out}", "progress=false",
-    ])
+    rc = main(
+        [
+            "stats",
+            "--config",
+            str(config),
+            f"model={tiny_hf_dir}",
+            f"data={flores}",
+            f"lang={FRA}",
+            f"partners={DEU},{ENG}",
+            "max_sentences=2",
+            f"out={out}",
+            "progress=false",
+        ]
+    )
     assert rc == 0
     assert RoutingStats.load(out).directions == sorted([f"{FRA}-{DEU}", f"{FRA}-{ENG}", f"{DEU}-{FRA}", f"{ENG}-{FRA}"])
 
@@ -367,7 +379,8 @@ def test_paper_json_round_trip_of_collected_counters(teacher_stats, tmp_path):
         for side in ("enc", "dec"):
             for name in [m for m in metric_names() if not needs_expert_outputs(m) and not needs_router_rows(m)]:  # routing-only statistics
                 torch.testing.assert_close(
-                    compute_metric(name, back.side(direction, side)), compute_metric(name, teacher_stats.side(direction, side)),
+                    compute_metric(name, back.side(direction, side)),
+                    compute_metric(name, teacher_stats.side(direction, side)),
                     msg=f"{direction}/{side}/{name}",
                 )
     data = json.loads(path.read_text())
@@ -387,7 +400,6 @@ def test_batches_follow_the_token_budget_and_never_depend_on_order():
     ids, mask = decoder_inputs([[7, 8, 2], [7, 2]], start_id=2, pad_id=1)
     assert ids.tolist() == [[2, 7, 8], [2, 7, 1]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batches.hypothesis_labels(torch.tensor([[2, 7, 9, 2, 1, 1], [2, 7, 9, 9, 9, 9]]), eos_id=2) == [[7, 9, 2], [7, 9, 9, 9, 9]]
-
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 36, 128])

@@ -21,8 +21,8 @@ import torch
 
 from pruning.model.loading import load_model
 from pruning.stats.collect import collect_statistics
-from pruning.stats.options import StatsOptions
 from pruning.stats.counters import RoutingStats
+from pruning.stats.options import StatsOptions
 from pruning.stats.outputs import ALL_OUTPUT_COUNTERS
 from tests.stats_fixtures import LANGS, assert_counters_close, make_flores
 
@@ -37,8 +37,27 @@ def teacher_flags(model: Path, data: Path, out: Path) -> list[str]:
 
 def beam_flags(model: Path, data: Path, out: Path) -> list[str]:
     return [
-        "--model", str(model), "--data", str(data), "--pairs", f"{FRA}-{DEU},{ENG}-{FRA},{DEU}-{ENG}", "--mode", "beam",
-        "--beam", "2", "--max-new-tokens", "5", "--batch-tokens", "30", "--max-sentences", "5", "--chunk-sentences", "2", "--out", str(out), "--no-progress",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--pairs",
+        f"{FRA}-{DEU},{ENG}-{FRA},{DEU}-{ENG}",
+        "--mode",
+        "beam",
+        "--beam",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--batch-tokens",
+        "30",
+        "--max-sentences",
+        "5",
+        "--chunk-sentences",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
     ]
 
 
@@ -47,10 +66,28 @@ def launched(tiny_hf_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     data = make_flores(tmp / "flores", n=6)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", "-m", "tests.dist_worker",
-        "--model", str(tiny_hf_dir), "--logits", str(tmp / "logits"), "--",
-        *teacher_flags(tiny_hf_dir, data, tmp / "teacher-ep4.safetensors"), "--expert-parallel", "4", "--dispatch", "loop", "--expert-outputs", "---",
-        *beam_flags(tiny_hf_dir, data, tmp / "beam-ep2dp2.safetensors"), "--expert-parallel", "2",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={WORLD}",
+        "-m",
+        "tests.dist_worker",
+        "--model",
+        str(tiny_hf_dir),
+        "--logits",
+        str(tmp / "logits"),
+        "--",
+        *teacher_flags(tiny_hf_dir, data, tmp / "teacher-ep4.safetensors"),
+        "--expert-parallel",
+        "4",
+        "--dispatch",
+        "loop",
+        "--expert-outputs",
+        "---",
+        *beam_flags(tiny_hf_dir, data, tmp / "beam-ep2dp2.safetensors"),
+        "--expert-parallel",
+        "2",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -62,13 +99,19 @@ def launched(tiny_hf_dir, tmp_path_factory):
 def test_expert_parallel_teacher_statistics_equal_single_process(launched, tiny_hf_dir):
     tmp, data = launched
     single = tmp / "teacher-single.safetensors"
-    collect_statistics(StatsOptions(model=str(tiny_hf_dir), data=str(data), langs=list(LANGS), batch_tokens=40, dispatch="loop", out=str(single), progress=False, expert_outputs=True))
+    collect_statistics(
+        StatsOptions(
+            model=str(tiny_hf_dir), data=str(data), langs=list(LANGS), batch_tokens=40, dispatch="loop", out=str(single), progress=False, expert_outputs=True
+        )
+    )
     parallel, reference = RoutingStats.load(tmp / "teacher-ep4.safetensors"), RoutingStats.load(single)
     assert parallel.directions == reference.directions and len(reference.directions) == 6
     for direction in reference.directions:
         for side in ("enc", "dec"):
             # same batches, same expert GEMM shapes: identical up to the order of the float64 sums
-            assert_counters_close(parallel.side(direction, side), reference.side(direction, side), what=f"{direction}/{side}", rtol=1e-12, atol=1e-12, rank_atol=0)
+            assert_counters_close(
+                parallel.side(direction, side), reference.side(direction, side), what=f"{direction}/{side}", rtol=1e-12, atol=1e-12, rank_atol=0
+            )
             got, expected = parallel.side(direction, side), reference.side(direction, side)
             assert set(ALL_OUTPUT_COUNTERS) <= set(got)
             for name in ALL_OUTPUT_COUNTERS:  # one process runs the experts a second time, here they come back from their owners
@@ -84,15 +127,28 @@ def test_expert_and_data_parallel_beam_statistics_equal_single_process(launched,
     tmp, data = launched
     single = tmp / "beam-single.safetensors"
     pairs = [f"{FRA}-{DEU}", f"{ENG}-{FRA}", f"{DEU}-{ENG}"]
-    collect_statistics(StatsOptions(
-        model=str(tiny_hf_dir), data=str(data), pairs=pairs, mode="beam", beam=2, max_new_tokens=5, batch_tokens=30,
-        max_sentences=5, chunk_sentences=2, out=str(single), progress=False,
-    ))
+    collect_statistics(
+        StatsOptions(
+            model=str(tiny_hf_dir),
+            data=str(data),
+            pairs=pairs,
+            mode="beam",
+            beam=2,
+            max_new_tokens=5,
+            batch_tokens=30,
+            max_sentences=5,
+            chunk_sentences=2,
+            out=str(single),
+            progress=False,
+        )
+    )
     parallel, reference = RoutingStats.load(tmp / "beam-ep2dp2.safetensors"), RoutingStats.load(single)
     assert parallel.directions == sorted(pairs)
     for direction in pairs:
         for side in ("enc", "dec"):
-            assert_counters_close(parallel.side(direction, side), reference.side(direction, side), what=f"{direction}/{side}", rtol=1e-12, atol=1e-12, rank_atol=0)
+            assert_counters_close(
+                parallel.side(direction, side), reference.side(direction, side), what=f"{direction}/{side}", rtol=1e-12, atol=1e-12, rank_atol=0
+            )
             for chunk in range(3):
                 got = {name: value[chunk] for name, value in parallel.chunks[direction].counters[side].items()}
                 expected = {name: value[chunk] for name, value in reference.chunks[direction].counters[side].items()}

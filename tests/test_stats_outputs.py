@@ -11,8 +11,8 @@ from pruning.model.loading import load_model
 from pruning.model.moe import sorted_loop_dispatch
 from pruning.stats.collect import collect_statistics
 from pruning.stats.collector import RoutingCollector
-from pruning.stats.options import StatsOptions
 from pruning.stats.counters import RoutingStats
+from pruning.stats.options import StatsOptions
 from pruning.stats.outputs import ALL_OUTPUT_COUNTERS, GATE_RATIO_BINS
 from tests.stats_fixtures import LANGS, forward_observed, make_flores
 
@@ -44,17 +44,20 @@ def reference_outputs(model, calls) -> dict[str, dict[str, torch.Tensor]]:
     for side, moe, hidden, routing in calls:
         short = "enc" if side == "encoder" else "dec"
         d = hidden.shape[-1]
-        c = out.setdefault(short, {
-            "routed": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
-            "out_norm": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
-            "out_norm_sq": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
-            "gate_norm": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
-            "weight_norm": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
-            "max_abs": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
-            "out_sum": torch.zeros(n_layers[side], e_all, d, dtype=torch.float64),
-            "coact": torch.zeros(n_layers[side], e_all, e_all, dtype=torch.float64),
-            "gate_ratio_hist": torch.zeros(n_layers[side], GATE_RATIO_BINS, dtype=torch.float64),
-        })
+        c = out.setdefault(
+            short,
+            {
+                "routed": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
+                "out_norm": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
+                "out_norm_sq": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
+                "gate_norm": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
+                "weight_norm": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
+                "max_abs": torch.zeros(n_layers[side], e_all, dtype=torch.float64),
+                "out_sum": torch.zeros(n_layers[side], e_all, d, dtype=torch.float64),
+                "coact": torch.zeros(n_layers[side], e_all, e_all, dtype=torch.float64),
+                "gate_ratio_hist": torch.zeros(n_layers[side], GATE_RATIO_BINS, dtype=torch.float64),
+            },
+        )
         row = rows[side] % n_layers[side]
         rows[side] += 1
         x = hidden.reshape(-1, d).double()  # [T, D]
@@ -136,8 +139,23 @@ def test_two_halves_merge_into_the_whole(tiny_hf_dir, tmp_path):
     second = make_flores(tmp_path / "second", n=3, start=3)
     pairs = f"{DEU}-{FRA},{FRA}-{ENG}"
     for name, data in (("whole", whole), ("first", first), ("second", second)):
-        rc = main(["stats", "--model", str(tiny_hf_dir), "--data", str(data), "--pairs", pairs, "--batch-tokens", "40",
-                   "--out", str(tmp_path / f"{name}.safetensors"), "--no-progress", "--expert-outputs"])
+        rc = main(
+            [
+                "stats",
+                "--model",
+                str(tiny_hf_dir),
+                "--data",
+                str(data),
+                "--pairs",
+                pairs,
+                "--batch-tokens",
+                "40",
+                "--out",
+                str(tmp_path / f"{name}.safetensors"),
+                "--no-progress",
+                "--expert-outputs",
+            ]
+        )
         assert rc == 0
     halves = [RoutingStats.load(tmp_path / f"{n}.safetensors") for n in ("first", "second")]
     merged, reference = halves[0].merge(halves[1]), RoutingStats.load(tmp_path / "whole.safetensors")
@@ -156,16 +174,18 @@ def test_two_halves_merge_into_the_whole(tiny_hf_dir, tmp_path):
                 torch.testing.assert_close(compute_metric(metric, merged.side(d, side)), compute_metric(metric, ref), rtol=1e-5, atol=1e-6)
 
 
-
-
 # ---- metrics on constructed counters --------------------------------------------------------------
 def constructed() -> dict[str, torch.Tensor]:
     """One layer, 3 experts, D = 2. Expert 0 got outputs (3, 4) and (0, 0); expert 1 got (1, 0) three times; expert 2 nothing."""
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     return {
         "tokens": t([5.0]),
-        "top1": t([1.0, 2.0, 0.0]), "top2": t([1.0, 1.0, 0.0]),
-        "gate": t([1.0, 1.0, 1.0]), "conf1": t([0.5, 1.0, 0.0]), "conf2": t([0.1, 0.2, 0.0]), "rank": t([5.0, 5.0, 5.0]),
+        "top1": t([1.0, 2.0, 0.0]),
+        "top2": t([1.0, 1.0, 0.0]),
+        "gate": t([1.0, 1.0, 1.0]),
+        "conf1": t([0.5, 1.0, 0.0]),
+        "conf2": t([0.1, 0.2, 0.0]),
+        "rank": t([5.0, 5.0, 5.0]),
         "routed": t([2.0, 3.0, 0.0]),
         "out_norm": t([5.0 + 0.0, 3.0, 0.0]),
         "out_norm_sq": t([25.0 + 0.0, 3.0, 0.0]),
@@ -190,7 +210,14 @@ def constructed() -> dict[str, torch.Tensor]:
     ],
 )
 def test_metrics_equal_hand_computed_values(name, expected):
-    c = {k: (v[None] if k in ("top1", "top2", "gate", "conf1", "conf2", "rank", "routed", "out_norm", "out_norm_sq", "gate_norm", "weight_norm", "max_abs") else v) for k, v in constructed().items()}
+    c = {
+        k: (
+            v[None]
+            if k in ("top1", "top2", "gate", "conf1", "conf2", "rank", "routed", "out_norm", "out_norm_sq", "gate_norm", "weight_norm", "max_abs")
+            else v
+        )
+        for k, v in constructed().items()
+    }
     score = compute_metric(name, c)
     torch.testing.assert_close(score, torch.tensor([expected], dtype=torch.float64))
 
@@ -226,8 +253,7 @@ def test_merge_refuses_files_with_different_counters_for_one_direction():
     from pruning.stats.counters import RoutingStats, StatsError
     from pruning.topology import Topology
 
-    topology = Topology(encoder_layers=2, decoder_layers=2, encoder_sparse_step=2, decoder_sparse_step=2, num_experts=4,
-                        d_model=8, ffn_dim=16, vocab_size=10)
+    topology = Topology(encoder_layers=2, decoder_layers=2, encoder_sparse_step=2, decoder_sparse_step=2, num_experts=4, d_model=8, ffn_dim=16, vocab_size=10)
     plain = RoutingStats(topology)
     plain.add("aaa_Latn-bbb_Latn", "enc", "top1", _torch.ones(1, 4))
     richer = RoutingStats(topology)

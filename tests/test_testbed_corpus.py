@@ -226,9 +226,11 @@ def test_karic_plural_suffix_harmony_and_no_plural_after_numerals(languages: dic
     for noun in NOUNS:
         if not noun.countable:
             continue
+
         def subject(**kw: object) -> list[str]:
-            frame = Frame("intr", NounPhrase(noun=noun.key, definite=True, **kw), "pres", verb="sleep")  # type: ignore[arg-type]
+            frame = Frame("intr", NounPhrase(noun=noun.key, definite=True, **kw), "pres", verb="sleep")  # type: ignore[arg-type]  # noqa: B023 - called right away
             return languages["qkl_Latn"].words(frame)
+
         singular, plural, counted = subject()[0], subject(plural=True)[0], subject(plural=True, numeral="three")[1]
         last_vowel = [ch for ch in singular if ch in back | front][-1]
         assert plural.endswith("lar" if last_vowel in back else "ler"), (singular, plural)
@@ -244,6 +246,7 @@ def test_karic_accusative_marks_definite_objects_only_where_designed(languages: 
                       obj=NounPhrase(noun="horse", definite=definite, plural=True))  # fmt: skip
         words = languages[code].words(frame)
         return words[-2]
+
     # qka: definite objects only; qko: every object
     assert object_word("qka_Cyrl", True) != object_word("qka_Cyrl", False)
     assert object_word("qka_Cyrl", True).startswith(object_word("qka_Cyrl", False))
@@ -254,6 +257,7 @@ def test_partial_pro_drop(languages: dict) -> None:
     def length(code: str, person: str) -> int:
         frame = Frame("intr", NounPhrase(person=person, plural=person.endswith("pl")), "past", verb="sleep")
         return len(languages[code].words(frame))
+
     assert length("qbe_Latn", "1sg") == 1 and length("qbe_Latn", "3sg.f") == 2  # dropped / kept
     assert length("qbo_Latn", "1sg") == 2  # Boran keeps pronouns
 
@@ -262,6 +266,7 @@ def test_related_languages_are_more_alike_than_unrelated(small: corpus_mod.Corpu
     def similarity(a: str, b: str) -> float:
         pairs = list(zip(small.devtest[a], small.devtest[b]))
         return sum(difflib.SequenceMatcher(None, x, y).ratio() for x, y in pairs) / len(pairs)
+
     assert similarity("qbe_Latn", "qbo_Latn") > similarity("qbe_Latn", "qkl_Latn") + 0.2
     assert similarity("qka_Cyrl", "qko_Cyrl") > similarity("qka_Cyrl", "qbr_Cyrl") + 0.2
     assert similarity("qta_Grek", "qti_Grek") > 0.5

@@ -12,9 +12,9 @@ from torch import nn
 
 from pruning import load_model
 from pruning.cli import main
+from pruning.data.batching import length_batches
 from pruning.export import export_checkpoint, parse_directions
 from pruning.manifest import ManifestError
-from pruning.data.batching import length_batches
 from pruning.translate import DecodingOptions, TranslateError, translate_sentences
 from tests import export_fixtures as ef
 from tests import fixtures
@@ -29,7 +29,9 @@ def export_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     root = tmp_path_factory.mktemp("translate")
     source = ef.talkative_hf_dir(root / "full", tiny_tokenizer_dir)
     index = ef.write_lang_index(root / "experts.json", open_checkpoint(source).topology)
-    return export_checkpoint(source, experts=index, out=root / "fra-deu-eng", directions=parse_directions(pairs=[f"{FRA}-{DEU}", f"{DEU}-{ENG}"]), dtype=None, progress=False)
+    return export_checkpoint(
+        source, experts=index, out=root / "fra-deu-eng", directions=parse_directions(pairs=[f"{FRA}-{DEU}", f"{DEU}-{ENG}"]), dtype=None, progress=False
+    )
 
 
 # ---- batching --------------------------------------------------------------------------------------
@@ -121,8 +123,27 @@ def test_translate_cli_files_match_plain_generate(tmp_path, export_dir, capsys):
     source = tmp_path / "in.txt"
     source.write_text("\n".join(sentences) + "\n", encoding="utf-8")
     target = tmp_path / "out" / "hyp.txt"
-    args = ["translate", "--model", str(export_dir), "--src", DEU, "--tgt", ENG, "--input", str(source), "--output", str(target),
-            "--beam", "2", "--max-length", "5", "--batch-tokens", "1", "--device", "cpu"]
+    args = [
+        "translate",
+        "--model",
+        str(export_dir),
+        "--src",
+        DEU,
+        "--tgt",
+        ENG,
+        "--input",
+        str(source),
+        "--output",
+        str(target),
+        "--beam",
+        "2",
+        "--max-length",
+        "5",
+        "--batch-tokens",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     assert "wrote 5 line(s)" in capsys.readouterr().err
     got = target.read_text(encoding="utf-8").split("\n")
@@ -167,13 +188,14 @@ def test_missing_input_file(tmp_path, export_dir, capsys):
 def test_generation_never_emits_embedding_rows_past_the_tokenizer(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
     """NLLB-200 has 2 embedding rows more than tokenizer ids (padding rows); here 30, made the likeliest tokens."""
     extra = 30
-    model_dir = fixtures.write_hf(fixtures.make_model(len(tiny_tokenizer) + extra, encoder_layers=4, decoder_layers=4),
-                                  tmp_path / "wide", tokenizer_dir=tiny_tokenizer_dir)
+    model_dir = fixtures.write_hf(
+        fixtures.make_model(len(tiny_tokenizer) + extra, encoder_layers=4, decoder_layers=4), tmp_path / "wide", tokenizer_dir=tiny_tokenizer_dir
+    )
     model = load_model(model_dir)
     assert model.config.vocab_size == len(model.tokenizer) + extra
 
     def favour_padding_rows(module, inputs, logits):
-        logits[..., len(model.tokenizer):] += 1e4
+        logits[..., len(model.tokenizer) :] += 1e4
         return logits
 
     model.lm_head.register_forward_hook(favour_padding_rows)

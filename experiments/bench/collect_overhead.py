@@ -61,8 +61,10 @@ def full_width_setup(
     for _ in range(sentences):  # FLORES-like lengths: 15..60 tokens
         n_src, n_tgt = (int(torch.randint(15, 60, (1,), generator=generator)) for _ in range(2))
         pairs.append(
-            ([5] + torch.randint(4, 8000, (n_src,), generator=generator).tolist() + [2],
-             [6] + torch.randint(4, 8000, (n_tgt,), generator=generator).tolist() + [2])
+            (
+                [5] + torch.randint(4, 8000, (n_src,), generator=generator).tolist() + [2],
+                [6] + torch.randint(4, 8000, (n_tgt,), generator=generator).tolist() + [2],
+            )
         )
     return model, pairs
 
@@ -102,9 +104,17 @@ def measure(model: Any, pairs: list, *, batch_tokens: int, device: torch.device,
     collector.close()
     p, c = statistics.median(plain), statistics.median(collect)
     return {
-        "dispatch": model.dispatch_name, "batches": len(batches), "sentences": len(pairs), "tokens": tokens,
-        "plain_s": p, "collect_s": c, "ratio": c / p, "overhead_pct": 100 * (c / p - 1),
-        "min_ratio": min(collect) / min(plain), "plain_runs_s": plain, "collect_runs_s": collect,
+        "dispatch": model.dispatch_name,
+        "batches": len(batches),
+        "sentences": len(pairs),
+        "tokens": tokens,
+        "plain_s": p,
+        "collect_s": c,
+        "ratio": c / p,
+        "overhead_pct": 100 * (c / p - 1),
+        "min_ratio": min(collect) / min(plain),
+        "plain_runs_s": plain,
+        "collect_runs_s": collect,
     }
 
 
@@ -145,24 +155,36 @@ def main(argv: list[str] | None = None) -> int:
     for dispatch in args.dispatch.split(","):
         for batch_tokens in (int(b) for b in str(args.batch_tokens).split(",")):
             try:
-                row = measure(model, pairs, batch_tokens=batch_tokens, device=device, repeats=args.repeats, dispatch=dispatch, expert_outputs=args.expert_outputs)
+                row = measure(
+                    model, pairs, batch_tokens=batch_tokens, device=device, repeats=args.repeats, dispatch=dispatch, expert_outputs=args.expert_outputs
+                )
             except ValueError as exc:
                 print(f"skipping dispatch {dispatch}: {exc}")
                 break
             row["batch_tokens"] = batch_tokens
             rows.append(row)
-            print(f"{row['dispatch']:>8} {batch_tokens:>5} tokens/batch: plain {row['plain_s'] * 1000:.1f} ms, "
-                  f"collect {row['collect_s'] * 1000:.1f} ms, ratio {row['ratio']:.4f} (overhead {row['overhead_pct']:+.2f}%)")
+            print(
+                f"{row['dispatch']:>8} {batch_tokens:>5} tokens/batch: plain {row['plain_s'] * 1000:.1f} ms, "
+                f"collect {row['collect_s'] * 1000:.1f} ms, ratio {row['ratio']:.4f} (overhead {row['overhead_pct']:+.2f}%)"
+            )
     name = args.name or f"collect_overhead_{'gpu' if device.type == 'cuda' else 'cpu'}{'_outputs' if args.expert_outputs else ''}"
     if args.expert_outputs:
         what += "; collector with --expert-outputs"
     sig = signature(device)
     sig["load_average_1_5_15"] = " ".join(f"{x:.2f}" for x in os.getloadavg())  # shared machines: timings are noisy
-    payload = {"signature": sig, "model": what, "sentences": len(pairs), "repeats": args.repeats,
-               "target": "overhead < 5%", "results": rows}
+    payload = {"signature": sig, "model": what, "sentences": len(pairs), "repeats": args.repeats, "target": "overhead < 5%", "results": rows}
     table_rows = [
-        {"dispatch": r["dispatch"], "batch tokens": r["batch_tokens"], "batches": r["batches"], "tokens": r["tokens"], "plain ms": r["plain_s"] * 1000,
-         "collect ms": r["collect_s"] * 1000, "ratio": r["ratio"], "overhead %": r["overhead_pct"], "ratio of minima": r["min_ratio"]}
+        {
+            "dispatch": r["dispatch"],
+            "batch tokens": r["batch_tokens"],
+            "batches": r["batches"],
+            "tokens": r["tokens"],
+            "plain ms": r["plain_s"] * 1000,
+            "collect ms": r["collect_s"] * 1000,
+            "ratio": r["ratio"],
+            "overhead %": r["overhead_pct"],
+            "ratio of minima": r["min_ratio"],
+        }
         for r in rows
     ]
     table = (

@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def generate(beam: int) -> None:
-        model.generate(**generate_inputs, forced_bos_token_id=forced, num_beams=beam, max_new_tokens=args.new_tokens,
-                       min_new_tokens=args.new_tokens, do_sample=False)
+        model.generate(
+            **generate_inputs, forced_bos_token_id=forced, num_beams=beam, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
+        )
 
     with torch.inference_mode():
         collector = RoutingCollector(model, num_experts=model.topology.num_experts)
@@ -93,14 +94,30 @@ def main(argv: list[str] | None = None) -> int:
             stock_stats = timed(lambda: model.model(**batch, use_cache=False), args.repeats)
             stock_greedy, stock_beam = timed(lambda: generate(1), 1), timed(lambda: generate(4), 1)
     generated = args.sentences * args.new_tokens
-    for job, ours, stock, count in (("stats (teacher forcing)", ours_stats, stock_stats, tokens),
-                                     ("translate greedy", ours_greedy, stock_greedy, generated),
-                                     ("translate beam 4", ours_beam, stock_beam, generated)):
-        rows.append({"job": job, "tokens": count, "ours_s": ours, "stock_4.57_s": stock, "ours_tok_s": count / ours,
-                     "stock_tok_s": count / stock, "speedup": stock / ours})
+    for job, ours, stock, count in (
+        ("stats (teacher forcing)", ours_stats, stock_stats, tokens),
+        ("translate greedy", ours_greedy, stock_greedy, generated),
+        ("translate beam 4", ours_beam, stock_beam, generated),
+    ):
+        rows.append(
+            {
+                "job": job,
+                "tokens": count,
+                "ours_s": ours,
+                "stock_4.57_s": stock,
+                "ours_tok_s": count / ours,
+                "stock_tok_s": count / stock,
+                "speedup": stock / ours,
+            }
+        )
         print(rows[-1], flush=True)
-    sig = signature(torch.device("cpu")) | {"dtype": args.dtype, "model": args.model, "dispatch": getattr(model, "dispatch_name", "?"),
-                                            "sentences": args.sentences, "new_tokens": args.new_tokens}
+    sig = signature(torch.device("cpu")) | {
+        "dtype": args.dtype,
+        "model": args.model,
+        "dispatch": getattr(model, "dispatch_name", "?"),
+        "sentences": args.sentences,
+        "new_tokens": args.new_tokens,
+    }
     table = markdown_table(rows, ["job", "tokens", "ours_s", "stock_4.57_s", "ours_tok_s", "stock_tok_s", "speedup"])
     paths = write_results(args.name, {"signature": sig, "rows": rows}, table)
     print(table)

@@ -26,8 +26,9 @@ from pruning.topology import Topology
 
 def pruned_config(*, full_width: bool, vocab: int | None):  # noqa: ANN201
     d, f, heads = (2048, 8192, 16) if full_width else (256, 1024, 4)
-    topology = Topology(d_model=d, ffn_dim=f, encoder_attention_heads=heads, decoder_attention_heads=heads,
-                        vocab_size=vocab or (256206 if full_width else 8000))
+    topology = Topology(
+        d_model=d, ffn_dim=f, encoder_attention_heads=heads, decoder_attention_heads=heads, vocab_size=vocab or (256206 if full_width else 8000)
+    )
     return topology.to_hf_config()
 
 
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = pruned_config(full_width=args.full_width, vocab=args.vocab)
     topology = Topology.from_config(config)
-    experts = {(side, layer): list(range(args.enc_experts if side == "encoder" else args.dec_experts))
-               for _, side, layer in topology.iter_moe_layers()}
+    experts = {(side, layer): list(range(args.enc_experts if side == "encoder" else args.dec_experts)) for _, side, layer in topology.iter_moe_layers()}
     model = build_empty_model(config, experts=experts, dtype=dtype, device=device)
     init_random_weights(model, seed=0, std=0.02, router_std=1.0)
     params = sum(p.numel() for p in model.parameters())
@@ -115,9 +115,19 @@ def main(argv: list[str] | None = None) -> int:
         restore(model, saved)
         ours["speedup_vs_reference"] = ours["tokens_per_s"] / ref["tokens_per_s"]
         print(ref, flush=True)
-    sig = signature(device) | {"dtype": str(dtype), "params": params, "d_model": config.d_model, "ffn": config.encoder_ffn_dim,
-                               "vocab": config.vocab_size, "experts_per_layer": f"{args.enc_experts} enc / {args.dec_experts} dec",
-                               "batch": args.batch, "beam": args.beam, "repeats": args.repeats, "src_len": args.src_len, "new_tokens": args.new_tokens}
+    sig = signature(device) | {
+        "dtype": str(dtype),
+        "params": params,
+        "d_model": config.d_model,
+        "ffn": config.encoder_ffn_dim,
+        "vocab": config.vocab_size,
+        "experts_per_layer": f"{args.enc_experts} enc / {args.dec_experts} dec",
+        "batch": args.batch,
+        "beam": args.beam,
+        "repeats": args.repeats,
+        "src_len": args.src_len,
+        "new_tokens": args.new_tokens,
+    }
     table = markdown_table(rows, ["layer", "seconds", "tokens_per_s", "peak_GiB", "speedup_vs_reference"])
     paths = write_results(args.name or f"bench_generation_{device.type}", {"signature": sig, "rows": rows}, table)
     print(table)

@@ -16,7 +16,12 @@ import argparse
 import torch
 
 from experiments.bench.common import (
-    markdown_table, measure_bandwidth_gbs, measure_matmul_tflops, signature, time_ms, write_results,
+    markdown_table,
+    measure_bandwidth_gbs,
+    measure_matmul_tflops,
+    signature,
+    time_ms,
+    write_results,
 )
 from pruning.model.loading import parse_dtype
 from pruning.model.moe import DISPATCHES, MoeLayer, grouped_mm_supported
@@ -40,8 +45,20 @@ def reference_layer(ours: MoeLayer, *, d_model: int, ffn: int):  # noqa: ANN201
     return stock.eval()
 
 
-def run_case(*, experts: int, tokens: int, d_model: int, ffn: int, dtype: torch.dtype, device: torch.device,
-             bandwidth: float, tflops: float, repeats: int, with_reference: bool, reference_limit: float = float("inf")) -> dict:
+def run_case(
+    *,
+    experts: int,
+    tokens: int,
+    d_model: int,
+    ffn: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    bandwidth: float,
+    tflops: float,
+    repeats: int,
+    with_reference: bool,
+    reference_limit: float = float("inf"),
+) -> dict:
     layer = MoeLayer(d_model=d_model, ffn_dim=ffn, expert_ids=list(range(experts))).to(device=device, dtype=dtype).eval()
     with torch.no_grad():
         for p in layer.parameters():
@@ -97,14 +114,40 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for experts in map(int, args.experts.split(",")):
         for tokens in map(int, args.tokens.split(",")):
-            row = run_case(experts=experts, tokens=tokens, d_model=args.d_model, ffn=args.ffn, dtype=dtype, device=device,
-                           bandwidth=bandwidth, tflops=tflops, repeats=args.repeats, with_reference=not args.no_reference,
-                           reference_limit=args.reference_limit_gb * 2**30)
+            row = run_case(
+                experts=experts,
+                tokens=tokens,
+                d_model=args.d_model,
+                ffn=args.ffn,
+                dtype=dtype,
+                device=device,
+                bandwidth=bandwidth,
+                tflops=tflops,
+                repeats=args.repeats,
+                with_reference=not args.no_reference,
+                reference_limit=args.reference_limit_gb * 2**30,
+            )
             rows.append(row)
             print(row, flush=True)
-    sig = signature(device) | {"dtype": str(dtype), "d_model": args.d_model, "ffn": args.ffn,
-                               "measured_bandwidth_GBps": round(bandwidth, 1), "measured_matmul_TFLOPs": round(tflops, 2)}
-    columns = ["experts", "tokens", "touched", "reference_ms", "loop_ms", "grouped_ms", "bw_floor_ms", "flop_floor_ms", "speedup_vs_reference", "best_over_floor"]
+    sig = signature(device) | {
+        "dtype": str(dtype),
+        "d_model": args.d_model,
+        "ffn": args.ffn,
+        "measured_bandwidth_GBps": round(bandwidth, 1),
+        "measured_matmul_TFLOPs": round(tflops, 2),
+    }
+    columns = [
+        "experts",
+        "tokens",
+        "touched",
+        "reference_ms",
+        "loop_ms",
+        "grouped_ms",
+        "bw_floor_ms",
+        "flop_floor_ms",
+        "speedup_vs_reference",
+        "best_over_floor",
+    ]
     table = markdown_table(rows, columns)
     name = args.name or f"bench_moe_layer_{device.type}"
     paths = write_results(name, {"signature": sig, "rows": rows}, table)

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 for t, x in hidden.items():
                     x = x.to(device=device, dtype=dtype)
                     with torch.no_grad():
-                        ms = time_ms(lambda: layer(x, None), device=device, warmup=0, repeats=1)
+                        ms = time_ms(lambda layer=layer, x=x: layer(x, None), device=device, warmup=0, repeats=1)
                     if round_:
                         samples.setdefault((label, t), []).append(ms)
             print(f"experts {experts}: round {round_} done", flush=True)
@@ -138,17 +138,34 @@ def main(argv: list[str] | None = None) -> int:
             median = {label: statistics.median(samples[(label, t)]) for label in cases}
             for label, ms in median.items():
                 dispatch = "grouped" if "grouped" in label else "loop"
-                rows.append({"experts": experts, "tokens": t, "variant": label, "ms": ms,
-                             "vs_bf16_same_dispatch": ms / median[f"bf16 {dispatch}"], "vs_bf16_best": ms / min(median["bf16 loop"], median["bf16 grouped"]),
-                             "vs_fp32_loop": ms / median["fp32 loop"]})
+                rows.append(
+                    {
+                        "experts": experts,
+                        "tokens": t,
+                        "variant": label,
+                        "ms": ms,
+                        "vs_bf16_same_dispatch": ms / median[f"bf16 {dispatch}"],
+                        "vs_bf16_best": ms / min(median["bf16 loop"], median["bf16 grouped"]),
+                        "vs_fp32_loop": ms / median["fp32 loop"],
+                    }
+                )
                 print(rows[-1], flush=True)
-        for tag, layer in (("fp32", cases["fp32 loop"][0]), ("bf16", cases["bf16 loop"][0]), ("int8", cases["int8 bf16 grouped (dequantize the layer)"][0]),
-                           ("int4", cases["int4 bf16 grouped (dequantize the layer)"][0])):
+        for tag, layer in (
+            ("fp32", cases["fp32 loop"][0]),
+            ("bf16", cases["bf16 loop"][0]),
+            ("int8", cases["int8 bf16 grouped (dequantize the layer)"][0]),
+            ("int4", cases["int4 bf16 grouped (dequantize the layer)"][0]),
+        ):
             rows.append({"experts": experts, "tokens": "-", "variant": f"expert bytes {tag}", "bytes_MiB": round(expert_bytes(layer) / 2**20, 1)})
         del source, cases
         gc.collect()
-    sig = signature(device) | {"d_model": args.d_model, "ffn": args.ffn, "int4_group_size": args.group_size, "repeats": args.repeats,
-                               "method": "median of interleaved rounds (every variant once per round)"}
+    sig = signature(device) | {
+        "d_model": args.d_model,
+        "ffn": args.ffn,
+        "int4_group_size": args.group_size,
+        "repeats": args.repeats,
+        "method": "median of interleaved rounds (every variant once per round)",
+    }
     table = markdown_table(rows, ["experts", "tokens", "variant", "ms", "vs_bf16_same_dispatch", "vs_bf16_best", "vs_fp32_loop", "bytes_MiB"])
     paths = write_results(args.name or f"bench_quant_layer_{device.type}", {"signature": sig, "rows": rows}, table)
     print(table)

@@ -47,8 +47,13 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def chrf_table(
-    configs: dict[tuple[str, str, float], dict[str, Any]], *, policy: str, shares: list[float], criteria: list[str],
-    full: dict[str, Any] | None = None, floor: dict[str, Any] | None = None,
+    configs: dict[tuple[str, str, float], dict[str, Any]],
+    *,
+    policy: str,
+    shares: list[float],
+    criteria: list[str],
+    full: dict[str, Any] | None = None,
+    floor: dict[str, Any] | None = None,
 ) -> str:
     header = ["criterion"] + [f"{100 * s:.1f}% pruned" for s in shares]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -148,10 +153,19 @@ def report(results: Path) -> Path:
         f"Unpruned: {full['mean_chrf++']:.2f} chrF++, {_fmt(full.get('mean_off_target'))}% off-target." if full else "",
         f"No experts at all (every expert output zeroed, the floor): {floor['mean_chrf++']:.2f} chrF++, "
         f"{_fmt(floor.get('mean_off_target'))}% off-target. In brackets: the share of the experts' contribution kept, "
-        "(score - floor) / (full - floor)." if floor else "No-expert floor: not run (runs made before it was part of the grid).",
+        "(score - floor) / (full - floor)."
+        if floor
+        else "No-expert floor: not run (runs made before it was part of the grid).",
         "",
-        *(["What the numbers say, and why: [FINDINGS.md](FINDINGS.md) (hand-written). Metric agreement and "
-           "calibration stability: [analysis/](analysis/README.md).", ""] if (results / "FINDINGS.md").is_file() else []),
+        *(
+            [
+                "What the numbers say, and why: [FINDINGS.md](FINDINGS.md) (hand-written). Metric agreement and "
+                "calibration stability: [analysis/](analysis/README.md).",
+                "",
+            ]
+            if (results / "FINDINGS.md").is_file()
+            else []
+        ),
         "## Which combination wins",
         "",
         *winners(configs, shares),

@@ -32,9 +32,9 @@ from experiments.paper import study as paper_study
 from metrics.router import needs_router_rows
 from pruning.index import ExpertIndex, direction_ids
 from pruning.select import SelectOptions, select_experts
-from pruning.versions import versions
 from pruning.stats.counters import RoutingStats
 from pruning.topology import Topology
+from pruning.versions import versions
 
 
 def sample_directions(languages: list[str], count: int, *, seed: int) -> list[tuple[str, str]]:
@@ -59,8 +59,17 @@ def select_index(stats: RoutingStats, cfg: DictConfig, *, criterion: str, keep: 
 
 
 def run_config(
-    model: Any, stats: RoutingStats, cfg: DictConfig, flores: Any, directions: list[tuple[str, str]], *,
-    criterion: str, policy: str, keep: int | None, enc_keep: int | None, lid: Any,
+    model: Any,
+    stats: RoutingStats,
+    cfg: DictConfig,
+    flores: Any,
+    directions: list[tuple[str, str]],
+    *,
+    criterion: str,
+    policy: str,
+    keep: int | None,
+    enc_keep: int | None,
+    lid: Any,
 ) -> dict[str, Any]:
     import sacrebleu
 
@@ -131,7 +140,11 @@ class direction_model:
 
         union = experts_for_direction(ExpertIndex(kind="all", entries={"*": tuple(self.kept)}), self.src, self.tgt, topology)
         plan = plan_policy(
-            self.policy, union=union, stats=self.stats, directions=[f"{self.src}-{self.tgt}"], topology=topology,
+            self.policy,
+            union=union,
+            stats=self.stats,
+            directions=[f"{self.src}-{self.tgt}"],
+            topology=topology,
             router=lambda side, layer: self.model.moe_layer(side, layer).router.weight.detach(),
         )
         return apply_policy(self.model, plan)
@@ -183,12 +196,23 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             continue
         row = run_config(model, stats, cfg, flores, directions, lid=lid, **config)
         hyps = row.pop("hypotheses")
-        row.update({
-            "directions": len(directions), "max_sentences": cfg.max_sentences, "beam": cfg.beam, "split": cfg.split,
-            "aggregate": cfg.aggregate, "granularity": cfg.granularity, "model": cfg.model, "stats": cfg.stats, "lid": cfg.lid if lid is not None else None,
-            "seed": cfg.seed, "versions": versions(), "device": f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        })
+        row.update(
+            {
+                "directions": len(directions),
+                "max_sentences": cfg.max_sentences,
+                "beam": cfg.beam,
+                "split": cfg.split,
+                "aggregate": cfg.aggregate,
+                "granularity": cfg.granularity,
+                "model": cfg.model,
+                "stats": cfg.stats,
+                "lid": cfg.lid if lid is not None else None,
+                "seed": cfg.seed,
+                "versions": versions(),
+                "device": f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
         _write_json(hyps_dir / f"{run_name(config)}.json", hyps)
         _write_json(out, row)
         tqdm.write(f"{run_name(config)}: pruned {100 * row['pruned_share']:.1f}%, chrF++ {row['mean_chrf++']}, off-target {row['mean_off_target']}")

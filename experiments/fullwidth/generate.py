@@ -83,10 +83,16 @@ class RehearsalConfig:
 
     def topology(self) -> Topology:
         return Topology(
-            encoder_layers=self.encoder_layers, decoder_layers=self.decoder_layers,
-            encoder_sparse_step=self.sparse_step, decoder_sparse_step=self.sparse_step,
-            num_experts=self.experts, d_model=self.d_model, ffn_dim=self.ffn_dim, vocab_size=self.vocab_size,
-            encoder_attention_heads=self.heads, decoder_attention_heads=self.heads,
+            encoder_layers=self.encoder_layers,
+            decoder_layers=self.decoder_layers,
+            encoder_sparse_step=self.sparse_step,
+            decoder_sparse_step=self.sparse_step,
+            num_experts=self.experts,
+            d_model=self.d_model,
+            ffn_dim=self.ffn_dim,
+            vocab_size=self.vocab_size,
+            encoder_attention_heads=self.heads,
+            decoder_attention_heads=self.heads,
         )
 
 
@@ -132,10 +138,7 @@ def language_signal(cfg: RehearsalConfig, tokenizer: Any) -> LanguageSignal:
         for token, n in Counter(i for ids in encoded for i in ids).items():
             counts[token, j] += n
     token_mix = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
-    preferred = {
-        side: torch.stack([torch.randperm(cfg.experts, generator=generator)[: cfg.preferred] for _ in codes])
-        for side in ("encoder", "decoder")
-    }
+    preferred = {side: torch.stack([torch.randperm(cfg.experts, generator=generator)[: cfg.preferred] for _ in codes]) for side in ("encoder", "decoder")}
     return LanguageSignal(codes, directions, token_mix, preferred, sentences)
 
 
@@ -171,10 +174,7 @@ def shared_input_direction(signal: LanguageSignal, embedding: torch.Tensor) -> t
     d_model = embedding.shape[1]
     longest = max(len(ids) for ids in signal.sentences)
     positions = NllbMoeSinusoidalPositionalEmbedding.get_embedding(longest + 2, d_model, 1)  # rows 2.. are positions
-    inputs = [
-        torch.nn.functional.layer_norm(d_model**0.5 * embedding[ids].float() + positions[2 : 2 + len(ids)], (d_model,))
-        for ids in signal.sentences
-    ]
+    inputs = [torch.nn.functional.layer_norm(d_model**0.5 * embedding[ids].float() + positions[2 : 2 + len(ids)], (d_model,)) for ids in signal.sentences]
     return torch.nn.functional.normalize(torch.cat(inputs).mean(dim=0), dim=0)
 
 
@@ -235,8 +235,9 @@ def generate(cfg: RehearsalConfig, *, progress: bool = True) -> Path:
             from omegaconf import OmegaConf
 
             cfg_object = OmegaConf.create(fairseq_cfg(reader.config))  # pickled by reference, as the release's
-            write_fairseq(reader, tmp, prefix="checkpoint_2_300000", dtype=dtype, cfg=cfg_object,
-                          optimizer_numel=int(cfg.optimizer_gb * 2**30) // 8, progress=progress)
+            write_fairseq(
+                reader, tmp, prefix="checkpoint_2_300000", dtype=dtype, cfg=cfg_object, optimizer_numel=int(cfg.optimizer_gb * 2**30) // 8, progress=progress
+            )
         else:
             if cfg.layout == "hf-bin":
                 write_hf_bin(reader, tmp, dtype=dtype, max_shard_bytes=shard_bytes, model_prefix=cfg.model_prefix, progress=progress)
@@ -260,14 +261,12 @@ def disk_bytes(cfg: RehearsalConfig) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     from pruning.config import add_dataclass_flags, resolve
 
-    parser = argparse.ArgumentParser(prog="python -m experiments.fullwidth.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.fullwidth.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_flags(parser, RehearsalConfig)
     cfg = resolve(RehearsalConfig, parser.parse_args(argv))
     free = shutil.disk_usage(Path(cfg.out).resolve().parent if Path(cfg.out).parent.exists() else Path.cwd()).free
     need = disk_bytes(cfg)
-    print(f"rehearsal model: {cfg.topology().total_params() / 1e9:.2f}B parameters, {need / 1e9:.1f} GB on disk in {cfg.layout} "
-          f"({free / 1e9:.0f} GB free)")
+    print(f"rehearsal model: {cfg.topology().total_params() / 1e9:.2f}B parameters, {need / 1e9:.1f} GB on disk in {cfg.layout} ({free / 1e9:.0f} GB free)")
     if need > free:
         raise SystemExit(f"not enough disk: {need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free at {Path(cfg.out).parent}")
     out = generate(cfg)

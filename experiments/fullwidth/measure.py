@@ -94,8 +94,9 @@ def _name(pid: int) -> str:
     return f"{pid}:{cmd[:120]}"
 
 
-def measure(argv: Sequence[str], *, env: Optional[dict[str, str]] = None, interval: float = 0.05, drop_cache: bool = True,
-            log: Optional[Path] = None) -> Measurement:
+def measure(
+    argv: Sequence[str], *, env: Optional[dict[str, str]] = None, interval: float = 0.05, drop_cache: bool = True, log: Optional[Path] = None
+) -> Measurement:
     """Run ``argv`` to completion while sampling its process tree."""
     dropped = drop_page_cache() if drop_cache else False
     out = open(log, "wb") if log else subprocess.DEVNULL
@@ -126,9 +127,15 @@ def measure(argv: Sequence[str], *, env: Optional[dict[str, str]] = None, interv
         out.close()  # type: ignore[union-attr]
     tail = Path(log).read_text(errors="replace")[-3000:] if log else ""
     return Measurement(
-        command=" ".join(argv), returncode=process.returncode, wall_s=round(wall, 2), peak_rss_anon_bytes=peak_total,
-        per_process_peak_rss_anon_bytes={names[p]: v for p, v in per_peak.items()}, read_bytes=sum(last_read.values()),
-        cache_dropped=dropped, samples=samples, output_tail=tail,
+        command=" ".join(argv),
+        returncode=process.returncode,
+        wall_s=round(wall, 2),
+        peak_rss_anon_bytes=peak_total,
+        per_process_peak_rss_anon_bytes={names[p]: v for p, v in per_peak.items()},
+        read_bytes=sum(last_read.values()),
+        cache_dropped=dropped,
+        samples=samples,
+        output_tail=tail,
     )
 
 

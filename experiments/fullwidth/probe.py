@@ -1,7 +1,7 @@
 """Small commands the rehearsal measures in a process of their own.
 
-    python -m experiments.fullwidth.probe load MODEL [--dtype bf16]    # load_model, print the bytes held
-    python -m experiments.fullwidth.probe fp16 MODEL --out fp16.json    # fp16 forward, routing and generation: finite?
+python -m experiments.fullwidth.probe load MODEL [--dtype bf16]    # load_model, print the bytes held
+python -m experiments.fullwidth.probe fp16 MODEL --out fp16.json    # fp16 forward, routing and generation: finite?
 """
 
 from __future__ import annotations
@@ -50,9 +50,13 @@ def fp16_check(model_path: str, out: str, *, sentences: int = 8, src: str = "qen
     used = logits[real][:, : len(tokenizer)].float()
     hypotheses = translate_sentences(model, flores.read(src, "devtest")[:4], src=src, tgt=tgt, options=DecodingOptions(beam=4, max_length=16))
     result = {
-        "dtype": str(model.model.shared.weight.dtype), "dispatch": getattr(model, "dispatch_name", "?"), "routers_fp32": routers_fp32,
-        "logits_finite": bool(torch.isfinite(used).all()), "max_abs_logit": float(used.abs().max()),
-        "counters_finite": finite_counters, "translated": len([h for h in hypotheses if h]),
+        "dtype": str(model.model.shared.weight.dtype),
+        "dispatch": getattr(model, "dispatch_name", "?"),
+        "routers_fp32": routers_fp32,
+        "logits_finite": bool(torch.isfinite(used).all()),
+        "max_abs_logit": float(used.abs().max()),
+        "counters_finite": finite_counters,
+        "translated": len([h for h in hypotheses if h]),
     }
     Path(out).write_text(json.dumps(result, indent=1) + "\n")
     print(result)

@@ -45,8 +45,10 @@ def planned(record: dict[str, Any]) -> dict[str, float]:
 
 def table(record: dict[str, Any]) -> str:
     plans = planned(record)
-    lines = ["| step | wall s | peak RssAnon GB | read GB | bound | bound GB | met | plan GB | plan / measured | checks |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| step | wall s | peak RssAnon GB | read GB | bound | bound GB | met | plan GB | plan / measured | checks |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for step in record["steps"]:
         bound = step.get("bound") or {}
         plan = plans.get(step["step"])
@@ -55,7 +57,8 @@ def table(record: dict[str, Any]) -> str:
         lines.append(
             f"| {step['step']} | {step['wall_s']:.1f} | {step['peak_rss_anon_bytes'] / 1e9:.2f} | {step['read_bytes'] / 1e9:.2f} | "
             f"{bound.get('what', '')} | {bound['bytes'] / 1e9:.2f} | {'yes' if bound.get('met') else 'NO'} | "
-            if bound else f"| {step['step']} | {step['wall_s']:.1f} | {step['peak_rss_anon_bytes'] / 1e9:.2f} | {step['read_bytes'] / 1e9:.2f} | | | | "
+            if bound
+            else f"| {step['step']} | {step['wall_s']:.1f} | {step['peak_rss_anon_bytes'] / 1e9:.2f} | {step['read_bytes'] / 1e9:.2f} | | | | "
         )
         lines[-1] += (f"{plan / 1e9:.2f} | {ratio:.3f} | " if plan else " | | ") + f"{checks} |"
     return "\n".join(lines)
@@ -77,8 +80,7 @@ def write(results: Path) -> Path:
     body = [
         "# Full-width rehearsal on this CPU machine\n",
         f"- command: `{record['command']}` (then `python -m experiments.fullwidth.report`)",
-        f"- date: {record['date']}; machine: {record['machine']}; python {record['python']}, torch {record['torch']}, "
-        f"transformers {record['transformers']}",
+        f"- date: {record['date']}; machine: {record['machine']}; python {record['python']}, torch {record['torch']}, transformers {record['transformers']}",
         f"- model: {record['topology']['encoder_layers']}+{record['topology']['decoder_layers']} layers, d_model {record['topology']['d_model']}, "
         f"ffn {record['topology']['ffn_dim']}, {record['topology']['num_experts']} experts per MoE layer, vocabulary {record['topology']['vocab_size']}; "
         f"weights {record['weights_bytes'] / 1e9:.2f} GB in bf16, largest tensor {record['largest_tensor_bytes'] / 1e9:.2f} GB",

@@ -104,8 +104,11 @@ class Rehearsal:
         if result.returncode == 0:
             self.record.write_text(json.dumps(self.steps, indent=1) + "\n")
         status = "ok" if result.returncode == 0 else f"FAILED rc={result.returncode}"
-        print(f"   {status}: {result.wall_s:.1f} s, peak RssAnon {gb(result.peak_rss_anon_bytes)} GB, read {gb(result.read_bytes)} GB"
-              + (f", bound {gb(record['bound']['bytes'])} GB {'met' if record['bound']['met'] else 'MISSED'}" if bound else ""), flush=True)
+        print(
+            f"   {status}: {result.wall_s:.1f} s, peak RssAnon {gb(result.peak_rss_anon_bytes)} GB, read {gb(result.read_bytes)} GB"
+            + (f", bound {gb(record['bound']['bytes'])} GB {'met' if record['bound']['met'] else 'MISSED'}" if bound else ""),
+            flush=True,
+        )
         if result.returncode != 0:
             print(result.output_tail, flush=True)
             raise SystemExit(f"step {name} failed; log: {self.logs}")
@@ -129,16 +132,26 @@ def rehearse(work: Path, *, small: bool, threads: int, sentences: int, resume: b
             shutil.rmtree(d, ignore_errors=True)
 
     # 0. what starting a command costs: the imports' RssAnon and the library bytes read (the cache is dropped)
-    baseline = r.run("baseline: start python, import the toolkit", [PY, "-c", "import torch, transformers, safetensors, sacrebleu; import pruning.cli; "
-                     "pruning.cli.build_parser(); from pruning.model.loading import load_model; from transformers import NllbMoeForConditionalGeneration"])
+    baseline = r.run(
+        "baseline: start python, import the toolkit",
+        [
+            PY,
+            "-c",
+            "import torch, transformers, safetensors, sacrebleu; import pruning.cli; "
+            "pruning.cli.build_parser(); from pruning.model.loading import load_model; from transformers import NllbMoeForConditionalGeneration",
+        ],
+    )
     r.baseline_read = baseline.read_bytes  # type: ignore[attr-defined]
 
     # 1-2. the HF .bin layout, info, convert to safetensors bf16
     r.run("generate hf-bin fp16", [*gen, "--out", str(bin_dir), "--layout", "hf-bin", "--dtype", "fp16"])
     largest_fp16 = largest_tensor_bytes(bin_dir if bin_dir.exists() else hf)  # 16-bit either way
     r.run("info (hf-bin)", cli("info", str(bin_dir)), bound=("1 GB", one_gb))
-    r.run("convert hf-bin fp16 -> safetensors bf16", cli("convert", str(bin_dir), "--out", str(hf), "--dtype", "bf16"),
-          bound=("2 x largest tensor + 1 GB", 2 * largest_fp16 + one_gb))
+    r.run(
+        "convert hf-bin fp16 -> safetensors bf16",
+        cli("convert", str(bin_dir), "--out", str(hf), "--dtype", "bf16"),
+        bound=("2 x largest tensor + 1 GB", 2 * largest_fp16 + one_gb),
+    )
     shutil.rmtree(bin_dir, ignore_errors=True)
     reader = open_checkpoint(hf)
     weights = reader.total_bytes()
@@ -150,88 +163,199 @@ def rehearse(work: Path, *, small: bool, threads: int, sentences: int, resume: b
         if step not in recorded:
             f.unlink(missing_ok=True)
     data = ["--data", "experiments/testbed/data/flores", "--split", "dev", "--langs", ",".join(LANGS), "--max-sentences", str(sentences)]
-    r.run("stats teacher, 1 process", cli("stats", "--model", str(hf), *data, "--out", str(stats1), "--no-progress"),
-          bound=("1.05 x weights + 1 GB", 1.05 * weights + one_gb))
-    r.run("stats teacher, torchrun 2 x expert-parallel 2 (gloo)",
-          [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pruning", "stats", "--model", str(hf), *data,
-           "--out", str(stats2), "--expert-parallel", "2", "--no-progress"],
-          bound=("1.05 x weights + 2 x dense + 2 GB", 1.05 * weights + 2 * dense_bytes(hf) + 2 * one_gb),
-          check=lambda m: {"counters_equal_one_process": stats_agree(stats1, stats2)})
+    r.run(
+        "stats teacher, 1 process",
+        cli("stats", "--model", str(hf), *data, "--out", str(stats1), "--no-progress"),
+        bound=("1.05 x weights + 1 GB", 1.05 * weights + one_gb),
+    )
+    r.run(
+        "stats teacher, torchrun 2 x expert-parallel 2 (gloo)",
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "pruning",
+            "stats",
+            "--model",
+            str(hf),
+            *data,
+            "--out",
+            str(stats2),
+            "--expert-parallel",
+            "2",
+            "--no-progress",
+        ],
+        bound=("1.05 x weights + 2 x dense + 2 GB", 1.05 * weights + 2 * dense_bytes(hf) + 2 * one_gb),
+        check=lambda m: {"counters_equal_one_process": stats_agree(stats1, stats2)},
+    )
 
     routing = routing_summary(stats1)
 
     # 4. selection at the paper's 80%
     experts = work / "experts.json"
-    r.run("select 80% (importance, per layer, 3:1, per language)",
-          cli("select", "--stats", str(stats1), "--metric", "importance", "--strategy", "per-layer", "--ratio", "0.8", "--enc-dec", "3:1",
-              "--granularity", "lang", "--out", str(experts)), bound=("1 GB", one_gb))
+    r.run(
+        "select 80% (importance, per layer, 3:1, per language)",
+        cli(
+            "select",
+            "--stats",
+            str(stats1),
+            "--metric",
+            "importance",
+            "--strategy",
+            "per-layer",
+            "--ratio",
+            "0.8",
+            "--enc-dec",
+            "3:1",
+            "--granularity",
+            "lang",
+            "--out",
+            str(experts),
+        ),
+        bound=("1 GB", one_gb),
+    )
 
     # 5. exports, load, translate, evaluate
     kept = kept_experts(experts, reader.topology)
     for policy in ("drop", "skip"):
         out = work / f"pruned-{policy}"
         shutil.rmtree(out, ignore_errors=True)
-        r.run(f"export --policy {policy} ({SRC}-{TGT})",
-              cli("export", "--model", str(hf), "--experts", str(experts), "--src", SRC, "--tgt", TGT, "--out", str(out), "--policy", policy),
-              bound=("2 x largest tensor + 1 GB", 2 * largest + one_gb),
-              check=lambda m, out=out: {"reads_no_pruned_expert": m.read_bytes - r.baseline_read <= checkpoint_bytes(hf, experts=kept) * 1.05,
-                                        "bytes_of_kept_tensors": checkpoint_bytes(hf, experts=kept),
-                                        "export_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))})
+        r.run(
+            f"export --policy {policy} ({SRC}-{TGT})",
+            cli("export", "--model", str(hf), "--experts", str(experts), "--src", SRC, "--tgt", TGT, "--out", str(out), "--policy", policy),
+            bound=("2 x largest tensor + 1 GB", 2 * largest + one_gb),
+            check=lambda m, out=out: {
+                "reads_no_pruned_expert": m.read_bytes - r.baseline_read <= checkpoint_bytes(hf, experts=kept) * 1.05,
+                "bytes_of_kept_tensors": checkpoint_bytes(hf, experts=kept),
+                "export_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+            },
+        )
     pruned = work / "pruned-drop"
     pruned_weights = checkpoint_bytes(pruned)
-    r.run("load_model (drop export)", [PY, "-m", "experiments.fullwidth.probe", "load", str(pruned)],
-          bound=("1.05 x loaded weights + 1 GB", 1.05 * pruned_weights + one_gb))
+    r.run(
+        "load_model (drop export)",
+        [PY, "-m", "experiments.fullwidth.probe", "load", str(pruned)],
+        bound=("1.05 x loaded weights + 1 GB", 1.05 * pruned_weights + one_gb),
+    )
     source_text = work / "source.txt"
     from pruning.data.flores import FloresDir
 
     source_text.write_text("\n".join(FloresDir("experiments/testbed/data/flores").read(SRC, "devtest")[:8]) + "\n")
-    r.run("translate 8 sentences (beam 4)", cli("translate", "--model", str(pruned), "--src", SRC, "--tgt", TGT, "--input", str(source_text),
-                                                "--output", str(work / "out.txt"), "--beam", "4", "--max-length", "24"),
-          bound=("1.05 x loaded weights + 1 GB", 1.05 * pruned_weights + one_gb))
-    r.run("evaluate 8 sentences (greedy)", cli("evaluate", "--model", str(pruned), "--data", "experiments/testbed/data/flores", "--split",
-                                               "devtest", "--pairs", f"{SRC}-{TGT}", "--max-sentences", "8", "--beam", "1", "--max-length", "24", "--spm", "none",
-                                               "--out", str(work / "scores.tsv")),
-          bound=("1.05 x loaded weights + 1 GB", 1.05 * pruned_weights + one_gb))
+    r.run(
+        "translate 8 sentences (beam 4)",
+        cli(
+            "translate",
+            "--model",
+            str(pruned),
+            "--src",
+            SRC,
+            "--tgt",
+            TGT,
+            "--input",
+            str(source_text),
+            "--output",
+            str(work / "out.txt"),
+            "--beam",
+            "4",
+            "--max-length",
+            "24",
+        ),
+        bound=("1.05 x loaded weights + 1 GB", 1.05 * pruned_weights + one_gb),
+    )
+    r.run(
+        "evaluate 8 sentences (greedy)",
+        cli(
+            "evaluate",
+            "--model",
+            str(pruned),
+            "--data",
+            "experiments/testbed/data/flores",
+            "--split",
+            "devtest",
+            "--pairs",
+            f"{SRC}-{TGT}",
+            "--max-sentences",
+            "8",
+            "--beam",
+            "1",
+            "--max-length",
+            "24",
+            "--spm",
+            "none",
+            "--out",
+            str(work / "scores.tsv"),
+        ),
+        bound=("1.05 x loaded weights + 1 GB", 1.05 * pruned_weights + one_gb),
+    )
 
     # 5b. fp16 (V100s have no bf16): statistics and a forward/generation check on the whole model
-    r.run("stats teacher --dtype fp16, 1 process", cli("stats", "--model", str(hf), *data, "--dtype", "fp16", "--out", str(work / "stats-fp16.safetensors"),
-                                                       "--no-progress"), bound=("1.05 x weights + 1 GB", 1.05 * weights + one_gb),
-          check=lambda m: {"counters_finite": stats_finite(work / "stats-fp16.safetensors")})
-    r.run("fp16 forward + routing + generation check", [PY, "-m", "experiments.fullwidth.probe", "fp16", str(hf), "--out", str(work / "fp16.json")],
-          check=lambda m: {"fp16": json.loads((work / "fp16.json").read_text())})
+    r.run(
+        "stats teacher --dtype fp16, 1 process",
+        cli("stats", "--model", str(hf), *data, "--dtype", "fp16", "--out", str(work / "stats-fp16.safetensors"), "--no-progress"),
+        bound=("1.05 x weights + 1 GB", 1.05 * weights + one_gb),
+        check=lambda m: {"counters_finite": stats_finite(work / "stats-fp16.safetensors")},
+    )
+    r.run(
+        "fp16 forward + routing + generation check",
+        [PY, "-m", "experiments.fullwidth.probe", "fp16", str(hf), "--out", str(work / "fp16.json")],
+        check=lambda m: {"fp16": json.loads((work / "fp16.json").read_text())},
+    )
     (work / "stats-fp16.safetensors").unlink(missing_ok=True)
 
     # 6. safetensors -> fairseq and back to an export from it
-    r.run("convert safetensors bf16 -> fairseq fp16", cli("convert", str(hf), "--out", str(fs_conv), "--layout", "fairseq", "--dtype", "fp16"),
-          bound=("2 x largest tensor + 1 GB", 2 * largest + one_gb))
+    r.run(
+        "convert safetensors bf16 -> fairseq fp16",
+        cli("convert", str(hf), "--out", str(fs_conv), "--layout", "fairseq", "--dtype", "fp16"),
+        bound=("2 x largest tensor + 1 GB", 2 * largest + one_gb),
+    )
     r.run("info (fairseq, converted)", cli("info", str(fs_conv)), bound=("1 GB", one_gb))
     out = work / "pruned-from-fairseq"
     shutil.rmtree(out, ignore_errors=True)
-    r.run(f"export --policy drop from fairseq ({SRC}-{TGT})",
-          cli("export", "--model", str(fs_conv), "--experts", str(experts), "--src", SRC, "--tgt", TGT, "--out", str(out)),
-          bound=("2 x largest tensor + 1 GB", 2 * largest + one_gb),
-          check=lambda m: {"reads_no_pruned_expert": m.read_bytes - r.baseline_read <= checkpoint_bytes(fs_conv, experts=kept) * 1.05,
-                           "bytes_of_kept_tensors": checkpoint_bytes(fs_conv, experts=kept)})
+    r.run(
+        f"export --policy drop from fairseq ({SRC}-{TGT})",
+        cli("export", "--model", str(fs_conv), "--experts", str(experts), "--src", SRC, "--tgt", TGT, "--out", str(out)),
+        bound=("2 x largest tensor + 1 GB", 2 * largest + one_gb),
+        check=lambda m: {
+            "reads_no_pruned_expert": m.read_bytes - r.baseline_read <= checkpoint_bytes(fs_conv, experts=kept) * 1.05,
+            "bytes_of_kept_tensors": checkpoint_bytes(fs_conv, experts=kept),
+        },
+    )
     shutil.rmtree(fs_conv)
     shutil.rmtree(out)
 
     # 7. the fairseq layout as released (omegaconf cfg, optimizer state), info, convert to safetensors
     shutil.rmtree(hf)
     r.run("generate fairseq fp16 (omegaconf cfg, optimizer state)", [*gen, "--out", str(fs_gen), "--layout", "fairseq", "--dtype", "fp16"])
-    r.run("info (fairseq as released)", cli("info", str(fs_gen)), bound=("1 GB", one_gb),
-          check=lambda m: {"reads_no_optimizer_state": m.read_bytes - r.baseline_read < optimizer_bytes(small) / 2})
-    r.run("convert fairseq fp16 -> safetensors bf16", cli("convert", str(fs_gen), "--out", str(back), "--dtype", "bf16"),
-          bound=("2 x largest tensor + 1 GB", 2 * largest_fp16 + one_gb),
-          check=lambda m: {"reads_no_optimizer_state": m.read_bytes - r.baseline_read <= checkpoint_bytes(fs_gen) * 1.05})
+    r.run(
+        "info (fairseq as released)",
+        cli("info", str(fs_gen)),
+        bound=("1 GB", one_gb),
+        check=lambda m: {"reads_no_optimizer_state": m.read_bytes - r.baseline_read < optimizer_bytes(small) / 2},
+    )
+    r.run(
+        "convert fairseq fp16 -> safetensors bf16",
+        cli("convert", str(fs_gen), "--out", str(back), "--dtype", "bf16"),
+        bound=("2 x largest tensor + 1 GB", 2 * largest_fp16 + one_gb),
+        check=lambda m: {"reads_no_optimizer_state": m.read_bytes - r.baseline_read <= checkpoint_bytes(fs_gen) * 1.05},
+    )
     shutil.rmtree(fs_gen)
     shutil.rmtree(back)
     for f in (stats1, stats2):
         f.unlink(missing_ok=True)
     return {
-        "weights_bytes": weights, "largest_tensor_bytes": largest, "pruned_export_bytes": pruned_weights,
-        "kept_experts": {f"{s}.{l}": len(v) for (s, l), v in kept.items()}, "steps": r.steps,
-        "routing_own_vs_shared_top16": routing, "baseline_read_bytes": r.baseline_read,
-        "topology": reader.topology.to_dict(), "workload": workload_of(sentences),
+        "weights_bytes": weights,
+        "largest_tensor_bytes": largest,
+        "pruned_export_bytes": pruned_weights,
+        "kept_experts": {f"{s}.{l}": len(v) for (s, l), v in kept.items()},
+        "steps": r.steps,
+        "routing_own_vs_shared_top16": routing,
+        "baseline_read_bytes": r.baseline_read,
+        "topology": reader.topology.to_dict(),
+        "workload": workload_of(sentences),
     }
 
 
@@ -252,8 +376,12 @@ def workload_of(sentences: int, *, translated: int = 8, max_length: int = 24) ->
         longest[lang] = [len(ids) for ids in tokenizer(flores.read(lang, "dev")[:sentences])["input_ids"]]
     tokenizer.src_lang = SRC
     source = [len(ids) for ids in tokenizer(flores.read(SRC, "devtest")[:translated])["input_ids"]]
-    return {"stats_tokens": max(max(v) for v in longest.values()) * sentences, "translate_sentences": translated,
-            "src_len": max(source), "max_length": max_length}
+    return {
+        "stats_tokens": max(max(v) for v in longest.values()) * sentences,
+        "translate_sentences": translated,
+        "src_len": max(source),
+        "max_length": max_length,
+    }
 
 
 def dense_bytes(model: Path) -> int:
@@ -312,9 +440,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = datetime.now(timezone.utc)
     body = rehearse(args.work, small=args.small, threads=args.threads, sentences=args.sentences, resume=args.resume)
     record = {
-        "date": started.isoformat(timespec="seconds"), "command": " ".join(["python -m experiments.fullwidth.run", *(argv or sys.argv[1:])]),
+        "date": started.isoformat(timespec="seconds"),
+        "command": " ".join(["python -m experiments.fullwidth.run", *(argv or sys.argv[1:])]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1)} GiB",
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, **body,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        **body,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(record, indent=1) + "\n")

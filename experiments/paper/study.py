@@ -45,10 +45,11 @@ def random_index(selected: ExpertIndex, topology: Topology, *, seed: int) -> dic
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    import sacrebleu
+
     from pruning import load_model
     from pruning.data.flores import FloresDir
     from pruning.translate import DecodingOptions, translate_sentences
-    import sacrebleu
 
     started = time.time()
     model = load_model(cfg.model, dtype="fp32")
@@ -101,8 +102,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(hydra.utils.to_absolute_path(cfg.results)) / "runs" / f"{cfg.study}-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=1) + "\n")
-    print(f"{cfg.study} {cfg.baseline} {row['select']['metric']} ratio={row['select']['ratio']} "
-          f"kept={kept_counts} mean chrF++ {row['mean_chrf++']} -> {out}")
+    print(f"{cfg.study} {cfg.baseline} {row['select']['metric']} ratio={row['select']['ratio']} kept={kept_counts} mean chrF++ {row['mean_chrf++']} -> {out}")
     return row
 
 

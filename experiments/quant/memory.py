@@ -30,8 +30,13 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path("experiments/results/quant")
-STORAGE = {"bf16": [], "int8": ["--quantize", "int8"], "int8+dense": ["--quantize", "int8", "--quantize-dense"],
-           "int4": ["--quantize", "int4"], "int4+dense": ["--quantize", "int4", "--quantize-dense"]}
+STORAGE = {
+    "bf16": [],
+    "int8": ["--quantize", "int8"],
+    "int8+dense": ["--quantize", "int8", "--quantize-dense"],
+    "int4": ["--quantize", "int4"],
+    "int4+dense": ["--quantize", "int4", "--quantize-dense"],
+}
 KEEP = {"encoder": 36, "decoder": 12}
 """NLLB-200 at 80% pruned, 3:1 (the paper's): experts kept per encoder / decoder MoE layer."""
 PAPER_INDEX = Path("../shared/data/nllb-pruning-paper/experts.json")
@@ -51,7 +56,7 @@ def rehearsal_index(model: Path, out: Path) -> Path:
 def planned_weights(model: Path, storage: str) -> int:
     """``plan``'s bytes for the weights of this export (what a CPU load holds besides the runtime)."""
     from pruning.checkpoint.reader import open_checkpoint
-    from pruning.plan import Hardware, Kept, Workload, plan_model
+    from pruning.plan import Hardware, Workload, plan_model
 
     topology = open_checkpoint(model).topology
     flags = STORAGE[storage]
@@ -72,8 +77,11 @@ def measured(rehearsal: Path, work: Path) -> list[dict[str, Any]]:
         out = work / storage.replace("+", "_")
         if out.exists():
             shutil.rmtree(out)
-        export = measure([sys.executable, "-m", "pruning", "export", "--model", str(rehearsal), "--experts", str(index), "--out", str(out),
-                          "--dtype", "bf16", *flags], env=env, drop_cache=False)
+        export = measure(
+            [sys.executable, "-m", "pruning", "export", "--model", str(rehearsal), "--experts", str(index), "--out", str(out), "--dtype", "bf16", *flags],
+            env=env,
+            drop_cache=False,
+        )
         if export.returncode:
             raise SystemExit(f"export {storage} failed: {export.output_tail}")
         nbytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -81,9 +89,18 @@ def measured(rehearsal: Path, work: Path) -> list[dict[str, Any]]:
         if load.returncode:
             raise SystemExit(f"load {storage} failed: {load.output_tail}")
         plan = planned_weights(out, storage)
-        rows.append({"storage": storage, "export_bytes": nbytes, "export_peak_rss_anon": export.peak_rss_anon_bytes, "export_s": round(export.wall_s, 1),
-                     "load_peak_rss_anon": load.peak_rss_anon_bytes, "load_s": round(load.wall_s, 1), "plan_weights_bytes": plan,
-                     "plan_load_bytes": plan + int(0.30 * GIB)})
+        rows.append(
+            {
+                "storage": storage,
+                "export_bytes": nbytes,
+                "export_peak_rss_anon": export.peak_rss_anon_bytes,
+                "export_s": round(export.wall_s, 1),
+                "load_peak_rss_anon": load.peak_rss_anon_bytes,
+                "load_s": round(load.wall_s, 1),
+                "plan_weights_bytes": plan,
+                "plan_load_bytes": plan + int(0.30 * GIB),
+            }
+        )
         print(rows[-1], flush=True)
         shutil.rmtree(out)
     return rows
@@ -100,14 +117,26 @@ def planned(args: argparse.Namespace) -> list[dict[str, Any]]:
             workload = Workload("bf16", batch=16, beam=4, quantize=flags[1] if flags else "", quantize_dense="--quantize-dense" in flags)
             hardware = Hardware(1, memory * GIB, "cuda")
             one = build_plan(NLLB_MOE_54B, hardware, workload, kept_from_ratio(NLLB_MOE_54B, 0.8, "3:1"))["translation_one_direction"]
-            row = {"storage": storage, "gpu_GiB": memory, "one_direction_GiB": round(one["total_bytes"] / GIB, 2), "one_direction_fits": one["fits"],
-                   "one_direction_largest_batch": one["largest_batch"], "one_direction_weights_GiB": round(one["weights_bytes"] / GIB, 2)}
+            row = {
+                "storage": storage,
+                "gpu_GiB": memory,
+                "one_direction_GiB": round(one["total_bytes"] / GIB, 2),
+                "one_direction_fits": one["fits"],
+                "one_direction_largest_batch": one["largest_batch"],
+                "one_direction_weights_GiB": round(one["weights_bytes"] / GIB, 2),
+            }
             if args.index.is_file():
                 kept = kept_from_index(NLLB_MOE_54B, args.index, parse_directions(langs=args.langs.split(",")))
                 multi = build_plan(NLLB_MOE_54B, hardware, workload, kept)["translation_multi_direction"]
-                row.update({"multi_direction_GiB": round(multi["total_bytes"] / GIB, 2), "multi_direction_fits": multi["fits"],
-                            "multi_direction_largest_batch": multi["largest_batch"], "multi_direction_weights_GiB": round(multi["weights_bytes"] / GIB, 2),
-                            "multi_direction_experts": kept.union})
+                row.update(
+                    {
+                        "multi_direction_GiB": round(multi["total_bytes"] / GIB, 2),
+                        "multi_direction_fits": multi["fits"],
+                        "multi_direction_largest_batch": multi["largest_batch"],
+                        "multi_direction_weights_GiB": round(multi["weights_bytes"] / GIB, 2),
+                        "multi_direction_experts": kept.union,
+                    }
+                )
             rows.append(row)
     return rows
 
@@ -130,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m experiments.quant.memory", *sys.argv[1:]]),
         "rehearsal": json.loads((args.rehearsal / "rehearsal.json").read_text()) if (args.rehearsal / "rehearsal.json").is_file() else None,
         "multi_direction": {"index": "the pruning paper's released experts.json (per language, 288 per direction)", "langs": args.langs},
-        "device": "cpu (2 cores; no GPU lent to this task)", "versions": versions(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "device": "cpu (2 cores; no GPU lent to this task)",
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
@@ -142,20 +173,34 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(payload: dict[str, Any]) -> str:
     lines = ["# Quantized exports: memory", "", f"- command: `{payload['command']}`; {payload['device']}; {payload['versions']}; {payload['date']}", ""]
     if payload.get("measured"):
-        lines += ["## Measured: full-width rehearsal, one MoE layer per side keeping 36 (encoder) / 12 (decoder) experts, load in bf16", "",
-                  "| storage | export GiB | export peak RssAnon GiB | load peak RssAnon GiB | plan: weights + runtime GiB | load / plan |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Measured: full-width rehearsal, one MoE layer per side keeping 36 (encoder) / 12 (decoder) experts, load in bf16",
+            "",
+            "| storage | export GiB | export peak RssAnon GiB | load peak RssAnon GiB | plan: weights + runtime GiB | load / plan |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in payload["measured"]:
-            lines.append(f"| {r['storage']} | {r['export_bytes'] / GIB:.2f} | {r['export_peak_rss_anon'] / GIB:.2f} | {r['load_peak_rss_anon'] / GIB:.2f} | "
-                         f"{r['plan_load_bytes'] / GIB:.2f} | {r['load_peak_rss_anon'] / r['plan_load_bytes']:.3f} |")
+            lines.append(
+                f"| {r['storage']} | {r['export_bytes'] / GIB:.2f} | {r['export_peak_rss_anon'] / GIB:.2f} | {r['load_peak_rss_anon'] / GIB:.2f} | "
+                f"{r['plan_load_bytes'] / GIB:.2f} | {r['load_peak_rss_anon'] / r['plan_load_bytes']:.3f} |"
+            )
         lines.append("")
     multi = payload["multi_direction"]
-    lines += [f"## Planned: NLLB-200 54.5B, 80% pruned (288 experts per direction), batch 16 x beam 4, src 64 + 200 tokens",
-              "", f"Multi-direction: the union of the paper's per-language experts over every direction between {multi['langs']}.", "",
-              "| storage | GPU GiB | one direction: GiB, fits, largest batch | multi-direction: GiB, fits, largest batch |", "|---|---|---|---|"]
+    lines += [
+        "## Planned: NLLB-200 54.5B, 80% pruned (288 experts per direction), batch 16 x beam 4, src 64 + 200 tokens",
+        "",
+        f"Multi-direction: the union of the paper's per-language experts over every direction between {multi['langs']}.",
+        "",
+        "| storage | GPU GiB | one direction: GiB, fits, largest batch | multi-direction: GiB, fits, largest batch |",
+        "|---|---|---|---|",
+    ]
     for r in payload["planned"]:
         one = f"{r['one_direction_GiB']:.2f}, {'fits' if r['one_direction_fits'] else 'no'}, {r['one_direction_largest_batch']}"
-        many = f"{r['multi_direction_GiB']:.2f}, {'fits' if r['multi_direction_fits'] else 'no'}, {r['multi_direction_largest_batch']} ({r['multi_direction_experts']} experts)" if "multi_direction_GiB" in r else ""
+        many = (
+            f"{r['multi_direction_GiB']:.2f}, {'fits' if r['multi_direction_fits'] else 'no'}, {r['multi_direction_largest_batch']} ({r['multi_direction_experts']} experts)"
+            if "multi_direction_GiB" in r
+            else ""
+        )
         lines.append(f"| {r['storage']} | {r['gpu_GiB']} | {one} | {many} |")
     return "\n".join(lines) + "\n"
 

@@ -88,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     routed: dict[str, list[torch.Tensor]] = defaultdict(list)  # "side.layer" -> [T, K] expert of each token (1st choice)
     hooks = []
     base = model.model
+
     def keep_input(name: str, moe: bool):  # noqa: ANN202 - a forward hook (returns None: the output is unchanged)
         def hook(module: Any, args: Any, output: Any) -> None:
             inputs[name].append(args[0].reshape(-1, args[0].shape[-1]).detach())
             if moe:
                 routed[name].append(output[1].expert_idx[:, 0].detach())  # 1st choice of each token
+
         return hook
 
     for name, module in base.named_modules():
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         for j, src in enumerate(langs):
             tgt = langs[(j + 1) % len(langs)]
             tokenizer.src_lang, tokenizer.tgt_lang = src, tgt
-            batch = tokenizer(flores.read(src, "dev")[: args.sentences], text_target=flores.read(tgt, "dev")[: args.sentences], padding=True, return_tensors="pt")
+            batch = tokenizer(
+                flores.read(src, "dev")[: args.sentences], text_target=flores.read(tgt, "dev")[: args.sentences], padding=True, return_tensors="pt"
+            )
             labels = batch.pop("labels")
             decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], tokenizer.eos_token_id), labels[:, :-1]], dim=1)
             model(**batch, decoder_input_ids=decoder_input_ids)
@@ -116,8 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.cat(inputs[name])
             w = module.weight.detach().float()
             kind = name.split(".layers.")[1].split(".", 1)[1]
-            rows.append({"layer": name.split(".layers.")[0] + "." + name.split(".layers.")[1].split(".")[0], "matrix": kind,
-                         "input_outlier_ratio": outlier_ratio(x), **weight_stats(w), **output_error(x, w)})
+            rows.append(
+                {
+                    "layer": name.split(".layers.")[0] + "." + name.split(".layers.")[1].split(".")[0],
+                    "matrix": kind,
+                    "input_outlier_ratio": outlier_ratio(x),
+                    **weight_stats(w),
+                    **output_error(x, w),
+                }
+            )
     for side, layer, moe in model.moe_layers():
         key = f"{side}.layers.{layer}.ffn"
         x, first = torch.cat(inputs[key]), torch.cat(routed[key])
@@ -134,21 +145,52 @@ def main(argv: list[str] | None = None) -> int:
                 hidden_all.append(tokens)
                 for k, v in output_error(tokens, w[e]).items():
                     errors[k].append(v)
-            rows.append({"layer": f"{side}.{layer}", "matrix": f"experts.{linear} ({w.shape[0]} experts)",
-                         "input_outlier_ratio": outlier_ratio(torch.cat(hidden_all)), **weight_stats(w),
-                         **{k: round(statistics.fmean(v), 5) for k, v in errors.items()}})
+            rows.append(
+                {
+                    "layer": f"{side}.{layer}",
+                    "matrix": f"experts.{linear} ({w.shape[0]} experts)",
+                    "input_outlier_ratio": outlier_ratio(torch.cat(hidden_all)),
+                    **weight_stats(w),
+                    **{k: round(statistics.fmean(v), 5) for k, v in errors.items()},
+                }
+            )
     from pruning.versions import versions
 
-    payload = {"model": str(args.model), "sentences_per_language": args.sentences, "languages": langs, "rows": rows,
-               "command": " ".join(["python -m experiments.quant.ranges", *sys.argv[1:]]), "versions": versions(),
-               "device": "cpu", "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    payload = {
+        "model": str(args.model),
+        "sentences_per_language": args.sentences,
+        "languages": langs,
+        "rows": rows,
+        "command": " ".join(["python -m experiments.quant.ranges", *sys.argv[1:]]),
+        "versions": versions(),
+        "device": "cpu",
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"ranges_{args.name}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    columns = ["layer", "matrix", "in_features", "crest_median", "crest_max", "input_outlier_ratio", "weight_err_int8", "output_err_int8",
-               "weight_err_int4/128", "output_err_int4/128", "weight_err_int4/32", "output_err_int4/32"]
-    lines = [f"# Weight and activation ranges of {args.model}", "", f"- command: `{payload['command']}`",
-             f"- teacher forcing, {args.sentences} dev sentences per language x {len(langs)} languages; {payload['date']}; {payload['versions']}", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    columns = [
+        "layer",
+        "matrix",
+        "in_features",
+        "crest_median",
+        "crest_max",
+        "input_outlier_ratio",
+        "weight_err_int8",
+        "output_err_int8",
+        "weight_err_int4/128",
+        "output_err_int4/128",
+        "weight_err_int4/32",
+        "output_err_int4/32",
+    ]
+    lines = [
+        f"# Weight and activation ranges of {args.model}",
+        "",
+        f"- command: `{payload['command']}`",
+        f"- teacher forcing, {args.sentences} dev sentences per language x {len(langs)} languages; {payload['date']}; {payload['versions']}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     for row in sorted(rows, key=lambda r: (r["matrix"].startswith("experts") is False, r["layer"], r["matrix"])):
         lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
     (RESULTS / f"ranges_{args.name}.md").write_text("\n".join(lines) + "\n")

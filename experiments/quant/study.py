@@ -128,17 +128,66 @@ def main(argv: list[str] | None = None) -> int:
 
     stats = work / "stats.safetensors"
     if not stats.exists():
-        run_cli("stats", "--model", str(args.model), "--data", str(args.data), "--split", "dev", "--langs", ",".join(langs),
-                "--max-sentences", str(args.stats_sentences), "--out", str(stats), "--no-progress")
+        run_cli(
+            "stats",
+            "--model",
+            str(args.model),
+            "--data",
+            str(args.data),
+            "--split",
+            "dev",
+            "--langs",
+            ",".join(langs),
+            "--max-sentences",
+            str(args.stats_sentences),
+            "--out",
+            str(stats),
+            "--no-progress",
+        )
     experts = work / "experts.json"
     if not experts.exists():
-        run_cli("select", "--stats", str(stats), "--metric", "importance", "--strategy", "per-layer", "--keep", str(args.keep),
-                "--enc-keep", str(args.enc_keep), "--granularity", "lang", "--min-per-layer", "1", "--out", str(experts))
+        run_cli(
+            "select",
+            "--stats",
+            str(stats),
+            "--metric",
+            "importance",
+            "--strategy",
+            "per-layer",
+            "--keep",
+            str(args.keep),
+            "--enc-keep",
+            str(args.enc_keep),
+            "--granularity",
+            "lang",
+            "--min-per-layer",
+            "1",
+            "--out",
+            str(experts),
+        )
     indices = {"full": (full_index(args.model, work / "all-experts.json"), "drop")}
     indices.update({p: (experts, p) for p in args.policies.split(",")})
 
-    common = ["--data", str(args.data), "--split", "devtest", "--pairs", pairs, "--max-sentences", str(args.sentences),
-              "--beam", str(args.beam), "--max-length", str(args.max_length), "--device", "cpu", "--dtype", args.compute, "--spm", "none"]
+    common = [
+        "--data",
+        str(args.data),
+        "--split",
+        "devtest",
+        "--pairs",
+        pairs,
+        "--max-sentences",
+        str(args.sentences),
+        "--beam",
+        str(args.beam),
+        "--max-length",
+        str(args.max_length),
+        "--device",
+        "cpu",
+        "--dtype",
+        args.compute,
+        "--spm",
+        "none",
+    ]
     if args.lid.is_file():
         common += ["--lid", str(args.lid)]
     from pruning.evaluate import read_scores
@@ -161,8 +210,22 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{model_name}@{storage}"
             out = work / "exports" / name.replace("@", "-").replace("+", "_").replace("/", "g")
             if not out.exists():
-                run_cli("export", "--model", str(args.model), "--experts", str(index), "--langs", ",".join(langs), "--out", str(out),
-                        "--dtype", "bf16", "--policy", policy, *storage_flags(storage))
+                run_cli(
+                    "export",
+                    "--model",
+                    str(args.model),
+                    "--experts",
+                    str(index),
+                    "--langs",
+                    ",".join(langs),
+                    "--out",
+                    str(out),
+                    "--dtype",
+                    "bf16",
+                    "--policy",
+                    policy,
+                    *storage_flags(storage),
+                )
             sizes[name] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
             results[name] = evaluate(out, name.replace("@", "-").replace("+", "_").replace("/", "g"))
 
@@ -172,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in results:
         model_name, _, storage = name.partition("@")
         row: dict[str, Any] = {
-            "model": model_name, "storage": storage or "bf16",
+            "model": model_name,
+            "storage": storage or "bf16",
             "mean_chrf++": round(statistics.fmean(chrf[name].values()), 2),
-            "mean_off_target_%": round(statistics.fmean(v for v in off[name].values() if v is not None), 2) if any(v is not None for v in off[name].values()) else None,
+            "mean_off_target_%": round(statistics.fmean(v for v in off[name].values() if v is not None), 2)
+            if any(v is not None for v in off[name].values())
+            else None,
             "export_bytes": sizes.get(name),
         }
         if storage and storage != "bf16":
@@ -184,11 +250,20 @@ def main(argv: list[str] | None = None) -> int:
 
     payload = {
         "what": "chrF++ / off-target of full and pruned exports by weight storage, paired with the same model at bf16",
-        "model": str(args.model), "directions": evaluated, "sentences": args.sentences, "beam": args.beam, "compute_dtype": args.compute,
+        "model": str(args.model),
+        "directions": evaluated,
+        "sentences": args.sentences,
+        "beam": args.beam,
+        "compute_dtype": args.compute,
         "selection": f"importance, per-layer, per language, keep {args.keep} (encoder {args.enc_keep}) per direction",
-        "pruned_share": None, "rows": rows, "chrf++": chrf, "off_target_%": off,
+        "pruned_share": None,
+        "rows": rows,
+        "chrf++": chrf,
+        "off_target_%": off,
         "command": " ".join(["python -m experiments.quant.study", *sys.argv[1:]]),
-        "device": "cpu (no GPU lent to this task)", "versions": versions(), "seconds": round(time.time() - started, 1),
+        "device": "cpu (no GPU lent to this task)",
+        "versions": versions(),
+        "seconds": round(time.time() - started, 1),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     from pruning.checkpoint.reader import open_checkpoint
@@ -220,8 +295,10 @@ def markdown(payload: dict[str, Any]) -> str:
         counts = f"{vs['better']} / {vs['worse']}" if vs else ""
         drop = f"{vs['largest_drop']:+.2f}" if vs else ""
         size = f"{row['export_bytes'] / 1e6:.2f}" if row.get("export_bytes") else ""
-        lines.append(f"| {row['model']} | {row['storage'] if row['model'] != 'no-expert floor' else '-'} | {row['mean_chrf++']:.2f} | "
-                     f"{row['mean_off_target_%'] if row['mean_off_target_%'] is not None else ''} | {size} | {delta} | {counts} | {drop} |")
+        lines.append(
+            f"| {row['model']} | {row['storage'] if row['model'] != 'no-expert floor' else '-'} | {row['mean_chrf++']:.2f} | "
+            f"{row['mean_off_target_%'] if row['mean_off_target_%'] is not None else ''} | {size} | {delta} | {counts} | {drop} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -222,9 +222,7 @@ def nouns_matching(spec: tuple[str, ...] | str) -> tuple[Noun, ...]:
 
 def content_concepts() -> list[str]:
     """Every content concept key (nouns, verbs, adjectives, prepositions, numerals), in table order."""
-    return [n.key for n in NOUNS] + [v.key for v in VERBS] + [a.key for a in ADJECTIVES] + [
-        p.key for p in PREPOSITIONS
-    ] + list(NUMERALS)
+    return [n.key for n in NOUNS] + [v.key for v in VERBS] + [a.key for a in ADJECTIVES] + [p.key for p in PREPOSITIONS] + list(NUMERALS)
 
 
 def _check_unique() -> None:

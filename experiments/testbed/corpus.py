@@ -105,10 +105,7 @@ def generate(
     def column(part: list[dict[str, str]], code: str) -> list[str]:
         return [row[code] for row in part]
 
-    train = {
-        spec.code: column(train_rows[: low_resource_sentences if spec.resource == "low" else None], spec.code)
-        for spec in specs
-    }
+    train = {spec.code: column(train_rows[: low_resource_sentences if spec.resource == "low" else None], spec.code) for spec in specs}
     dev = {code: column(dev_rows, code) for code in realizers}
     devtest = {code: column(devtest_rows, code) for code in realizers}
     return Corpus(seed, specs, train, dev, devtest)
@@ -194,9 +191,7 @@ def _remove_stale(root: Path, keep: set[str]) -> None:
 def read_manifest(data_dir: str | os.PathLike[str]) -> dict:
     path = Path(data_dir) / "corpus.json"
     if not path.is_file():
-        raise CorpusError(
-            f"{path} not found: generate the corpus with `python -m experiments.testbed.corpus --out {data_dir}`"
-        )
+        raise CorpusError(f"{path} not found: generate the corpus with `python -m experiments.testbed.corpus --out {data_dir}`")
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("format") != FORMAT:
         raise CorpusError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
@@ -261,10 +256,7 @@ def _script_of(ch: str) -> str:
 
 def report(corpus: Corpus, *, out: Path | None = None, samples: int = 3) -> str:
     """Statistics table and ``samples`` parallel devtest sentences in every language."""
-    lines = [
-        f"testbed corpus, seed {corpus.seed}: {len(corpus.languages)} synthetic languages, "
-        f"{len(concepts.content_concepts())} content concepts"
-    ]
+    lines = [f"testbed corpus, seed {corpus.seed}: {len(corpus.languages)} synthetic languages, {len(concepts.content_concepts())} content concepts"]
     lines.append(f"{'code':<9} {'family':<20} {'order':<5} {'res':<4} {'train':>6} {'dev':>4} {'devtest':>7} "
                  f"{'types':>6} {'words/s':>7} {'chars/s':>7}")  # fmt: skip
     for spec, row in zip(corpus.languages, statistics(corpus)):
@@ -286,7 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write (train/, flores/, corpus.json)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--train-sentences", type=int, default=DEFAULT_TRAIN, help=f"training sentences of a high-resource language (default {DEFAULT_TRAIN})")
-    parser.add_argument("--low-resource-sentences", type=int, default=DEFAULT_LOW_RESOURCE, help=f"training sentences of a low-resource language (default {DEFAULT_LOW_RESOURCE})")
+    parser.add_argument(
+        "--low-resource-sentences",
+        type=int,
+        default=DEFAULT_LOW_RESOURCE,
+        help=f"training sentences of a low-resource language (default {DEFAULT_LOW_RESOURCE})",
+    )
     parser.add_argument("--dev-sentences", type=int, default=DEFAULT_DEV, help=f"FLORES-style dev lines (default {DEFAULT_DEV})")
     parser.add_argument("--devtest-sentences", type=int, default=DEFAULT_DEVTEST, help=f"FLORES-style devtest lines (default {DEFAULT_DEVTEST})")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """The training curve of a testbed: chrF++, the no-expert floor and the balance loss over steps.
 
-    python -m experiments.testbed.curve --results experiments/results/testbed128_training.json
+python -m experiments.testbed.curve --results experiments/results/testbed128_training.json
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def jaccard_of_top_sets(counts: dict[str, torch.Tensor], *, k: int) -> float:
     """Mean Jaccard similarity between two languages' top-k expert sets, over layers and language pairs."""
     sets = {lang: [set(c[layer].topk(k).indices.tolist()) for layer in range(c.shape[0])] for lang, c in counts.items()}
     langs = sorted(sets)
-    values = [len(a & b) / len(a | b) for i, x in enumerate(langs) for y in langs[i + 1:] for a, b in zip(sets[x], sets[y])]
+    values = [len(a & b) / len(a | b) for i, x in enumerate(langs) for y in langs[i + 1 :] for a, b in zip(sets[x], sets[y])]
     return round(sum(values) / len(values), 3)
 
 
@@ -61,10 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     experts = stats.topology.num_experts
     by_side = per_language_top1(stats)
     report = {"stats": args.stats, "k": args.k, "experts_per_layer": experts, "uniform": round(args.k / experts, 3), "sides": {}}
-    lines = [f"# Testbed routing specificity (k = {args.k} of {experts} experts per layer)", "",
-             f"Statistics `{args.stats}` (teacher forcing on dev). Share of a language's top-1 assignments taken by its own "
-             f"{args.k} most used experts, by the {args.k} experts most used over all languages, and uniform {args.k}/{experts}. "
-             f"Mean over the side's MoE layers. Command: `python -m experiments.testbed.routing_report --stats {args.stats} --k {args.k}`.", ""]
+    lines = [
+        f"# Testbed routing specificity (k = {args.k} of {experts} experts per layer)",
+        "",
+        f"Statistics `{args.stats}` (teacher forcing on dev). Share of a language's top-1 assignments taken by its own "
+        f"{args.k} most used experts, by the {args.k} experts most used over all languages, and uniform {args.k}/{experts}. "
+        f"Mean over the side's MoE layers. Command: `python -m experiments.testbed.routing_report --stats {args.stats} --k {args.k}`.",
+        "",
+    ]
     for side, name in (("enc", "encoder (language as source)"), ("dec", "decoder (language as target)")):
         rows = specificity(by_side[side], k=args.k)
         jac = jaccard_of_top_sets(by_side[side], k=args.k)
@@ -73,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"| {lang} | {r['own_top_k']:.3f} | {r['shared_top_k']:.3f} |" for lang, r in rows.items()]
         mean_own = sum(r["own_top_k"] for r in rows.values()) / len(rows)
         mean_shared = sum(r["shared_top_k"] for r in rows.values()) / len(rows)
-        lines += [f"| **mean** | **{mean_own:.3f}** | **{mean_shared:.3f}** |", "",
-                  f"Mean Jaccard similarity of two languages' top-{args.k} sets: {jac} (1 = same experts).", ""]
+        lines += [
+            f"| **mean** | **{mean_own:.3f}** | **{mean_shared:.3f}** |",
+            "",
+            f"Mean Jaccard similarity of two languages' top-{args.k} sets: {jac} (1 = same experts).",
+            "",
+        ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text("\n".join(lines))

@@ -485,12 +485,7 @@ def build_family(family: Family, specs: list[LanguageSpec], *, seed: int) -> dic
             if item in _CONTENT and own_rngs[spec.code].random() < spec.replacement:
                 own[(spec.code, item)] = family.new_root(own_rngs[spec.code], item)
     for _ in range(500):
-        realizers = {
-            spec.code: family.realizer(
-                spec, lexicon={i: own.get((spec.code, i), proto[i]) for i in items}, genders=genders
-            )
-            for spec in specs
-        }
+        realizers = {spec.code: family.realizer(spec, lexicon={i: own.get((spec.code, i), proto[i]) for i in items}, genders=genders) for spec in specs}
         clashes = [(code, item) for code, realizer in realizers.items() for item in _clashes(realizer)]
         if not clashes:
             return realizers

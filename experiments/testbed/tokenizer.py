@@ -107,10 +107,9 @@ def _train(sentences: list[str], *, vocab_size: int, seed: int) -> bytes:
 
 def make_tokenizer(spm_path: str | os.PathLike[str], codes: list[str]) -> "NllbTokenizer":
     """An ``NllbTokenizer`` over ``spm_path`` with ``codes`` as language tokens (ids laid out as NLLB's)."""
+    import sentencepiece as spm
     from tokenizers import AddedToken
     from transformers import NllbTokenizer
-
-    import sentencepiece as spm
 
     first = spm.SentencePieceProcessor(model_file=str(spm_path)).get_piece_size() + 1  # + fairseq offset
     languages = sorted(codes)
@@ -169,10 +168,7 @@ def load(path: str | os.PathLike[str]) -> "NllbTokenizer":
     from transformers import NllbTokenizer
 
     if not (Path(path) / SPM_FILE).is_file():
-        raise TokenizerError(
-            f"no {SPM_FILE} in {path}: build the tokenizer with `python -m experiments.testbed.tokenizer "
-            f"--data DATA --out {path}`"
-        )
+        raise TokenizerError(f"no {SPM_FILE} in {path}: build the tokenizer with `python -m experiments.testbed.tokenizer --data DATA --out {path}`")
     return NllbTokenizer.from_pretrained(str(path))
 
 

@@ -101,6 +101,7 @@ class Batches:
 
 def collate(sources: list[list[int]], targets: list[list[int]], *, pad: int, eos: int) -> dict[str, torch.Tensor]:
     """Encoder `[src_lang] x </s>`; labels `[tgt_lang] y </s>`; decoder input = labels shifted right after `</s>`."""
+
     def pad_to(seqs: list[list[int]]) -> torch.Tensor:
         width = max(len(s) for s in seqs)
         return torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
@@ -119,9 +120,16 @@ def collate(sources: list[list[int]], targets: list[list[int]], *, pad: int, eos
 # ---- model ----------------------------------------------------------------------------------------
 def make_model(cfg: TrainConfig, vocab_size: int, *, device: torch.device) -> NllbMoeForPruning:
     topology = Topology(
-        encoder_layers=cfg.layers, decoder_layers=cfg.layers, encoder_sparse_step=cfg.sparse_step, decoder_sparse_step=cfg.sparse_step,
-        num_experts=cfg.experts, d_model=cfg.d_model, ffn_dim=cfg.ffn, vocab_size=vocab_size,
-        encoder_attention_heads=cfg.heads, decoder_attention_heads=cfg.heads,
+        encoder_layers=cfg.layers,
+        decoder_layers=cfg.layers,
+        encoder_sparse_step=cfg.sparse_step,
+        decoder_sparse_step=cfg.sparse_step,
+        num_experts=cfg.experts,
+        d_model=cfg.d_model,
+        ffn_dim=cfg.ffn,
+        vocab_size=vocab_size,
+        encoder_attention_heads=cfg.heads,
+        decoder_attention_heads=cfg.heads,
     )
     config = topology.to_hf_config(max_position_embeddings=256, dropout=cfg.dropout, moe_token_dropout=cfg.eom)
     model = build_empty_model(config, dtype=torch.float32, device=device)
@@ -214,12 +222,15 @@ def train(cfg: TrainConfig) -> Path:
         print(f"resumed from {checkpoint} at step {step} ({elapsed / 60:.1f} min)")
     tap = RoutingTap(model)
     log = open(out / "log.jsonl", "a")
-    eval_dirs = [(batches.codes[0], batches.codes[1]), (batches.codes[1], batches.codes[0]),
-                 (batches.codes[2], batches.codes[-1]), (batches.codes[-1], batches.codes[3])]
+    eval_dirs = [
+        (batches.codes[0], batches.codes[1]),
+        (batches.codes[1], batches.codes[0]),
+        (batches.codes[2], batches.codes[-1]),
+        (batches.codes[-1], batches.codes[3]),
+    ]
     last_save = time.time()
     started = time.time() - elapsed
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {batches.per_batch} sentences per batch, "
-          f"{len(batches.directions)} directions")
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {batches.per_batch} sentences per batch, {len(batches.directions)} directions")
     while True:
         elapsed = time.time() - started
         if (cfg.max_steps and step >= cfg.max_steps) or elapsed > cfg.max_minutes * 60:
@@ -231,8 +242,9 @@ def train(cfg: TrainConfig) -> Path:
             group["lr"] = lr_at(step, cfg)
         logits = model(**batch).logits
         tap_routings = tap.pop()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                             ignore_index=tokenizer.pad_token_id, label_smoothing=cfg.label_smoothing)
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=tokenizer.pad_token_id, label_smoothing=cfg.label_smoothing
+        )
         balance, z = router_losses(tap_routings)
         loss = ce + cfg.balance_loss * balance + cfg.z_loss * z
         optimizer.zero_grad(set_to_none=True)
@@ -242,8 +254,15 @@ def train(cfg: TrainConfig) -> Path:
         step += 1
         if step % 50 == 0:
             tokens = int(batch["attention_mask"].sum() + batch["decoder_attention_mask"].sum())
-            record = {"step": step, "minutes": round((time.time() - started) / 60, 2), "ce": round(ce.item(), 4),
-                      "balance": round(balance.item(), 4), "z": round(z.item(), 3), "lr": lr_at(step, cfg), "tokens": tokens}
+            record = {
+                "step": step,
+                "minutes": round((time.time() - started) / 60, 2),
+                "ce": round(ce.item(), 4),
+                "balance": round(balance.item(), 4),
+                "z": round(z.item(), 3),
+                "lr": lr_at(step, cfg),
+                "tokens": tokens,
+            }
             print(json.dumps(record), flush=True)
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -252,9 +271,13 @@ def train(cfg: TrainConfig) -> Path:
             model.set_no_experts(True)
             floor = quick_chrf(model, tokenizer, cfg, eval_dirs)
             model.set_no_experts(False)
-            record = {"step": step, "minutes": round((time.time() - started) / 60, 2), "chrf++": scores,
-                      "mean_chrf++": round(sum(scores.values()) / len(scores), 2),
-                      "floor_chrf++": round(sum(floor.values()) / len(floor), 2)}
+            record = {
+                "step": step,
+                "minutes": round((time.time() - started) / 60, 2),
+                "chrf++": scores,
+                "mean_chrf++": round(sum(scores.values()) / len(scores), 2),
+                "floor_chrf++": round(sum(floor.values()) / len(floor), 2),
+            }
             print(json.dumps(record), flush=True)
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -266,9 +289,15 @@ def train(cfg: TrainConfig) -> Path:
     from pruning.model.loading import parse_dtype
 
     path = save_model(model, cfg.model_out, dtype=parse_dtype(cfg.save_dtype), tokenizer=tokenizer, overwrite=True)
-    summary = {"steps": step, "minutes": round((time.time() - started) / 60, 1), "config": asdict(cfg),
-               "params": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "device": str(device)}
+    summary = {
+        "steps": step,
+        "minutes": round((time.time() - started) / 60, 1),
+        "config": asdict(cfg),
+        "params": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"saved {path} after {step} steps")
     return path
@@ -276,16 +305,14 @@ def train(cfg: TrainConfig) -> Path:
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, elapsed: float, cfg: TrainConfig) -> None:  # noqa: ANN001
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
-                "config": asdict(cfg)}, tmp)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed, "config": asdict(cfg)}, tmp)
     os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     from pruning.config import add_dataclass_flags, resolve
 
-    parser = argparse.ArgumentParser(prog="python -m experiments.testbed.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.testbed.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_flags(parser, TrainConfig)
     cfg = resolve(TrainConfig, parser.parse_args(argv))
     train(cfg)

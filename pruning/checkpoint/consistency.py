@@ -62,7 +62,7 @@ def check_config_data(data: Any, *, path: Path) -> None:
             problems.append(f"{name} must be a number, got {data[name]!r}")
     for side in ("encoder", "decoder"):
         heads, width = data.get(f"{side}_attention_heads"), data.get("d_model")
-        if _is_int(heads) and _is_int(width) and heads >= 1 and width % heads:
+        if isinstance(heads, int) and isinstance(width, int) and _is_int(heads) and _is_int(width) and heads >= 1 and width % heads:
             problems.append(f"{side}_attention_heads ({heads}) must divide d_model ({width})")
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
@@ -95,7 +95,9 @@ def check_experts(reader: Any) -> None:
 
 def _check_full(present: dict[tuple[str, int], list[int]], topology: Any, *, where: str) -> None:
     everything = list(range(topology.num_experts))
-    short = {(side, layer): len(present.get((side, layer), [])) for _, side, layer in topology.iter_moe_layers() if present.get((side, layer), []) != everything}
+    short = {
+        (side, layer): len(present.get((side, layer), [])) for _, side, layer in topology.iter_moe_layers() if present.get((side, layer), []) != everything
+    }
     if not short:
         return
     held = sorted(set(short.values()))

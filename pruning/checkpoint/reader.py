@@ -39,11 +39,17 @@ MANIFEST = "pruning_manifest.json"
 _RANK_RE = re.compile(r"(?P<prefix>.+)-rank-(?P<rank>\d+)\.pt")
 
 _SAFETENSORS_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
-
-
 
 
 @dataclass(frozen=True)
@@ -56,10 +62,11 @@ class SafetensorsTensor:
     def load(self) -> torch.Tensor:
         """The tensor, mapped from the file (no copy, no anonymous memory until written to)."""
         stamp = _file_stamp(self.path)
-        start, stop = _safetensors_offsets(str(self.path), stamp).get(self.key, (None, None))
+        span = _safetensors_offsets(str(self.path), stamp).get(self.key)
         nbytes = _numel(self.shape) * self.dtype.itemsize
-        if start is None or stop - start != nbytes:
+        if span is None or span[1] - span[0] != nbytes:
             raise CheckpointError(f"{self.path}: tensor {self.key!r} is not in the file's header as {self.dtype} {list(self.shape)}")
+        start, stop = span
         if stop > stamp[1]:
             raise CheckpointError(f"{self.path}: tensor {self.key!r} ends past the end of the file (truncated?)")
         if nbytes == 0:
@@ -82,8 +89,7 @@ def _safetensors_offsets(path: str, stamp: tuple[int, int]) -> dict[str, tuple[i
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: malformed safetensors header ({exc})") from exc
     base = 8 + length
-    return {key: (base + int(value["data_offsets"][0]), base + int(value["data_offsets"][1]))
-            for key, value in header.items() if key != "__metadata__"}
+    return {key: (base + int(value["data_offsets"][0]), base + int(value["data_offsets"][1])) for key, value in header.items() if key != "__metadata__"}
 
 
 def _file_stamp(path: Path) -> tuple[int, int]:
@@ -219,7 +225,9 @@ def _hf_weight_files(directory: Path) -> list[Path]:
             index = read_json(index_path, error=CheckpointError, what="shard index")
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise CheckpointError(f"{index_path}: malformed shard index: expected an object with a 'weight_map' of tensor name -> file name, got {_shape_of(index)}")
+                raise CheckpointError(
+                    f"{index_path}: malformed shard index: expected an object with a 'weight_map' of tensor name -> file name, got {_shape_of(index)}"
+                )
             files = [directory / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -301,9 +309,7 @@ def _open_fairseq(path: Path) -> CheckpointReader:
     first_state = _model_state(read_pickle(rank_files[0]), rank_files[0])
     per_file = len({keymap.fairseq_expert_local_index(k) for k in first_state} - {None})
     if per_file == 0 or num_experts % per_file:
-        raise CheckpointError(
-            f"{rank_files[0]}: holds {per_file} expert(s) per layer, which does not divide the router's {num_experts} experts"
-        )
+        raise CheckpointError(f"{rank_files[0]}: holds {per_file} expert(s) per layer, which does not divide the router's {num_experts} experts")
     needed = num_experts // per_file
     have = {int(_RANK_RE.fullmatch(f.name).group("rank")): f for f in rank_files}  # type: ignore[union-attr]
     missing = [f"{prefix}-rank-{r}.pt" for r in range(needed) if r not in have]
@@ -379,8 +385,14 @@ def _fairseq_config(entries: list[Entry], shared_obj: Any, shared_path: Path, nu
     steps = {side: _sparse_step(moe[side], layers[side], side, shared_path) for side in SIDES}
     fc1 = [t for n, t in by_name.items() if _is_fc1_weight(n)]  # dense FFNs and experts: [F, D]
     topology = Topology(
-        encoder_layers=layers["encoder"], decoder_layers=layers["decoder"], encoder_sparse_step=steps["encoder"],
-        decoder_sparse_step=steps["decoder"], num_experts=num_experts, d_model=d_model, ffn_dim=fc1[0].shape[0], vocab_size=vocab,
+        encoder_layers=layers["encoder"],
+        decoder_layers=layers["decoder"],
+        encoder_sparse_step=steps["encoder"],
+        decoder_sparse_step=steps["decoder"],
+        num_experts=num_experts,
+        d_model=d_model,
+        ffn_dim=fc1[0].shape[0],
+        vocab_size=vocab,
     )
 
     def setting(key: str, default: Any) -> Any:
@@ -392,8 +404,7 @@ def _fairseq_config(entries: list[Entry], shared_obj: Any, shared_path: Path, nu
         heads = NLLB_MOE_54B.encoder_attention_heads  # the released model's shape exactly: its cfg says 16
     if heads is None:
         raise CheckpointError(
-            f"{shared_path}: cannot find the number of attention heads in the checkpoint's cfg/args; "
-            "put a config.json with 'encoder_attention_heads' beside it"
+            f"{shared_path}: cannot find the number of attention heads in the checkpoint's cfg/args; put a config.json with 'encoder_attention_heads' beside it"
         )
     topology = dataclasses.replace(topology, encoder_attention_heads=int(heads), decoder_attention_heads=int(setting("decoder_attention_heads", heads)))
     return topology.to_hf_config(

@@ -40,6 +40,9 @@ class Opaque:
     """
 
     qualname = "?"
+    args: tuple[Any, ...]
+    state: Any
+    items: list[Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Opaque":
         obj = super().__new__(cls)
@@ -275,7 +278,11 @@ def _attach_path(obj: Any, path: Path) -> Any:
     if isinstance(obj, LazyTensorRecord):
         return LazyTensor(path, obj.storage, obj.offset, obj.shape, obj.stride)
     if isinstance(obj, dict):
-        return type(obj)((k, _attach_path(v, path)) for k, v in obj.items()) if isinstance(obj, collections.OrderedDict) else {k: _attach_path(v, path) for k, v in obj.items()}
+        return (
+            type(obj)((k, _attach_path(v, path)) for k, v in obj.items())
+            if isinstance(obj, collections.OrderedDict)
+            else {k: _attach_path(v, path) for k, v in obj.items()}
+        )
     if isinstance(obj, list):
         return [_attach_path(v, path) for v in obj]
     if isinstance(obj, tuple):
@@ -410,11 +417,9 @@ class TorchZipWriter:
             raise CheckpointError(f"{self.path}: more tensors written than the {len(self.order)} the pickle holds")
         spec = self.order[self._next]
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise CheckpointError(
-                f"{self.path}: {spec.name} must be {spec.dtype} {list(spec.shape)}, got {tensor.dtype} {list(tensor.shape)}"
-            )
+            raise CheckpointError(f"{self.path}: {spec.name} must be {spec.dtype} {list(spec.shape)}, got {tensor.dtype} {list(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._record(f"data/{self._next}", memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"", big=spec.nbytes >= _ZIP64_RECORD_BYTES)
+        self._record(f"data/{self._next}", data.view(torch.uint8).numpy().data if data.numel() else b"", big=spec.nbytes >= _ZIP64_RECORD_BYTES)
         self._next += 1
 
     def close(self) -> None:

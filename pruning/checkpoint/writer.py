@@ -56,8 +56,16 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 SAFETENSORS_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 
 
@@ -105,15 +113,13 @@ class ShardWriter:
             raise CheckpointError(f"tensor {name!r} was not announced to the writer (all {len(self._order)} written)")
         shard, spec = self._order[self._next]
         if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise CheckpointError(
-                f"writer expected {spec.name} {spec.dtype} {list(spec.shape)} next, got {name} {tensor.dtype} {list(tensor.shape)}"
-            )
+            raise CheckpointError(f"writer expected {spec.name} {spec.dtype} {list(spec.shape)} next, got {name} {tensor.dtype} {list(tensor.shape)}")
         if shard != self._open_shard:
             self._start_shard(shard)
         assert self._handle is not None
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
-            self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+            self._handle.write(data.view(torch.uint8).numpy().data)
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard:
             self._finish_shard()

@@ -18,6 +18,8 @@ HELP = (
     "Rank correlation (Spearman) of expert scores and Jaccard of kept sets between every pair of metrics, "
     "per side and MoE layer: a table, a TSV/JSON file and a heatmap."
 )
+
+
 @dataclass
 class CompareMetricsConfig(GranularityOptions, KeepOptions):
     """Flags of ``nllb-prune compare-metrics`` (keys of ``conf/compare_metrics.yaml``): select's keep and
@@ -25,8 +27,12 @@ class CompareMetricsConfig(GranularityOptions, KeepOptions):
 
     stats: str = required(help="statistics: our .safetensors file or the paper's stats-*.json")
     out: str = required(help="directory for metric-agreement.tsv, .json and .png")
-    metrics: list[str] = field(default_factory=list, metadata={"help": "metrics to compare, comma-separated (default: every registered metric the file can score)"})
-    directions: list[str] = field(default_factory=list, metadata={"help": "use only these directions src-tgt of the statistics, comma-separated (default: all)"})
+    metrics: list[str] = field(
+        default_factory=list, metadata={"help": "metrics to compare, comma-separated (default: every registered metric the file can score)"}
+    )
+    directions: list[str] = field(
+        default_factory=list, metadata={"help": "use only these directions src-tgt of the statistics, comma-separated (default: all)"}
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def selection(self, metric: str = "importance") -> SelectOptions:
@@ -80,7 +86,9 @@ def compare(config: CompareMetricsConfig) -> tuple[Any, list[Path]]:
         "rows": result.rows,
     }
     written.append(write_text(out / "metric-agreement.json", json.dumps(document, indent=1, allow_nan=True) + "\n"))
-    kept = f"{result.plan.total} experts kept per direction" + (f" ({result.plan.per_layer[0]}/{result.plan.per_layer[1]} per enc/dec layer)" if result.plan.per_layer else "")
+    kept = f"{result.plan.total} experts kept per direction" + (
+        f" ({result.plan.per_layer[0]}/{result.plan.per_layer[1]} per enc/dec layer)" if result.plan.per_layer else ""
+    )
     title = f"{Path(config.stats).name}: mean over {config.granularity} entries and MoE layers; {kept}"
     written.append(plot_metric_agreement(metrics, {side: result.matrices(side) for side in result.sides}, out / "metric-agreement.png", title=title))
     return result, written
@@ -91,7 +99,8 @@ def _summary(result: Any, side: str) -> list[dict[str, Any]]:
     index = {name: i for i, name in enumerate(result.metrics)}
     return [
         {"metric_a": a, "metric_b": b, "spearman": float(rho[index[a], index[b]]), "jaccard": float(jac[index[a], index[b]])}
-        for i, a in enumerate(result.metrics) for b in result.metrics[i + 1 :]
+        for i, a in enumerate(result.metrics)
+        for b in result.metrics[i + 1 :]
     ]
 
 
@@ -107,4 +116,3 @@ def summary_lines(result: Any) -> list[str]:
         cells = "".join(f"  {summaries[s][k]['spearman']:>8.3f}  {summaries[s][k]['jaccard']:>6.3f}" for s in sides)
         lines.append(f"{pair['metric_a'] + ' ~ ' + pair['metric_b']:<{width}}{cells}")
     return lines
-

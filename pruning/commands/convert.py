@@ -20,7 +20,10 @@ class ConvertConfig:
     dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: keep the source's)", "choices": DTYPE_CHOICES})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
     shard_gb: float = field(default=4.0, metadata={"help": "maximum shard size in GiB (--layout hf)"})
-    layout: str = field(default="hf", metadata={"help": "hf: safetensors shards + config.json; fairseq: checkpoint-shared.pt + checkpoint-rank-{r}.pt", "choices": ["hf", "fairseq"]})
+    layout: str = field(
+        default="hf",
+        metadata={"help": "hf: safetensors shards + config.json; fairseq: checkpoint-shared.pt + checkpoint-rank-{r}.pt", "choices": ["hf", "fairseq"]},
+    )
 
     def validate(self) -> None:
         if self.shard_gb <= 0:
@@ -38,8 +41,12 @@ def run(args: argparse.Namespace) -> int:
     config = resolve(ConvertConfig, args)
     with claim_output(config.out, command=NAME, kind="directory"):
         out = convert_checkpoint(
-            config.src, config.out, dtype=parse_dtype(config.dtype), overwrite=config.overwrite,
-            max_shard_bytes=int(config.shard_gb * 2**30), layout=config.layout,
+            config.src,
+            config.out,
+            dtype=parse_dtype(config.dtype),
+            overwrite=config.overwrite,
+            max_shard_bytes=int(config.shard_gb * 2**30),
+            layout=config.layout,
         )
     print(f"wrote {out}")
     return 0

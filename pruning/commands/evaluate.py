@@ -27,18 +27,29 @@ class EvaluateConfig:
     out: str = required(help="score file to write (TSV); hypotheses go to OUT_STEM.hyp/, the summary to OUT_STEM.summary.json")
     max_sentences: Optional[int] = field(default=None, metadata={"help": "score only the first N sentences of each direction"})
     compare: Optional[str] = field(default=None, metadata={"help": "another score TSV (ours or the paper's): print per-direction and mean deltas"})
-    spm: str = field(default="flores200", metadata={"help": "spBLEU tokenizer: flores200 (SPM-200), flores101 (SPM-100) or none", "choices": ["flores200", "flores101", "none"]})
+    spm: str = field(
+        default="flores200",
+        metadata={"help": "spBLEU tokenizer: flores200 (SPM-200), flores101 (SPM-100) or none", "choices": ["flores200", "flores101", "none"]},
+    )
     beam: int = field(default=4, metadata={"help": "beam size (1 = greedy)"})
     max_length: int = field(default=200, metadata={"help": "most target tokens generated per sentence"})
     batch_tokens: int = field(default=4096, metadata={"help": "most padded source tokens per batch"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
     dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: the checkpoint's)", "choices": DTYPE_CHOICES})
-    lid: Optional[str] = field(default=None, metadata={"help": "language-identification model (fastText .bin/.ftz with FLORES labels, or `nllb-prune train-lid` JSON): adds the off-target rate"})
-    zero_experts: bool = field(default=False, metadata={"help": "the no-expert floor: every expert output zeroed, so MoE layers add nothing; routing still runs"})
-    long_input: str = field(default="error", metadata={
-        "help": "a sentence longer than the model's positions: error (before translating anything), truncate or split (as translate --long-input)",
-        "choices": ["error", "truncate", "split"],
-    })
+    lid: Optional[str] = field(
+        default=None,
+        metadata={"help": "language-identification model (fastText .bin/.ftz with FLORES labels, or `nllb-prune train-lid` JSON): adds the off-target rate"},
+    )
+    zero_experts: bool = field(
+        default=False, metadata={"help": "the no-expert floor: every expert output zeroed, so MoE layers add nothing; routing still runs"}
+    )
+    long_input: str = field(
+        default="error",
+        metadata={
+            "help": "a sentence longer than the model's positions: error (before translating anything), truncate or split (as translate --long-input)",
+            "choices": ["error", "truncate", "split"],
+        },
+    )
 
     def validate(self) -> None:
         if bool(self.pairs) == bool(self.langs):
@@ -90,8 +101,17 @@ def evaluate(config: EvaluateConfig) -> int:
     if config.zero_experts:
         model.set_no_experts(True)
     result = evaluate_model(
-        model, data=config.data, out=config.out, directions=directions, split=config.split, max_sentences=config.max_sentences,
-        options=config.decoding(), spm=config.spm, model_path=config.model, lid=lid, progress=sys.stderr.isatty(),
+        model,
+        data=config.data,
+        out=config.out,
+        directions=directions,
+        split=config.split,
+        max_sentences=config.max_sentences,
+        options=config.decoding(),
+        spm=config.spm,
+        model_path=config.model,
+        lid=lid,
+        progress=sys.stderr.isatty(),
         long_input=config.long_input,
     )
     mean = result.summary["mean"]

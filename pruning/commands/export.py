@@ -28,17 +28,24 @@ class ExportOptions:
     dtype: str = field(default="bf16", metadata={"help": "storage dtype of the weights (routers stay fp32)", "choices": DTYPE_CHOICES})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing export directory"})
     shard_gb: float = field(default=4.0, metadata={"help": "maximum shard size in GiB (memory does not depend on it: tensors are streamed)"})
-    policy: str = field(default="drop", metadata={
-        "help": "treatment of pruned experts: drop (router rows removed, the paper's), skip (rows kept, a token routed to a "
-        "pruned expert gets nothing from it; no statistics needed), substitute (rows kept, answered by "
-        "the expert's mean output; needs --stats from `stats --expert-outputs`), merge (folded into the kept expert "
-        "they co-activate with most, frequency-weighted; needs --stats)",
-        "choices": POLICIES,
-    })
+    policy: str = field(
+        default="drop",
+        metadata={
+            "help": "treatment of pruned experts: drop (router rows removed, the paper's), skip (rows kept, a token routed to a "
+            "pruned expert gets nothing from it; no statistics needed), substitute (rows kept, answered by "
+            "the expert's mean output; needs --stats from `stats --expert-outputs`), merge (folded into the kept expert "
+            "they co-activate with most, frequency-weighted; needs --stats)",
+            "choices": POLICIES,
+        },
+    )
     stats: str = field(default="", metadata={"help": "statistics file of the unpruned model (for --policy substitute|merge)"})
-    quantize: str = field(default="", metadata={
-        "help": "store the kept experts' weights quantized: int8 (one scale per output channel) or int4 (min/max per group "
-        "of --group-size input features); scales in fp32, routers stay fp32 (pruning/quant.py)"})
+    quantize: str = field(
+        default="",
+        metadata={
+            "help": "store the kept experts' weights quantized: int8 (one scale per output channel) or int4 (min/max per group "
+            "of --group-size input features); scales in fp32, routers stay fp32 (pruning/quant.py)"
+        },
+    )
     quantize_dense: bool = field(default=False, metadata={"help": "with --quantize: also the dense linear layers (attention projections, dense FFNs)"})
     group_size: Optional[int] = field(default=None, metadata={"help": "int4: input features per group (default 128; must divide d_model and the FFN width)"})
 

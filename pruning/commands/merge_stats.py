@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
         merged = merge_files(config.inputs)
         path = merged.save(config.out)
     once = merged.kept_once
-    kept = f" ({len(once)} of them counted over the same sentences in several files, kept once: {', '.join(once[:6])}{' ...' if len(once) > 6 else ''})" if once else ""
+    kept = (
+        f" ({len(once)} of them counted over the same sentences in several files, kept once: {', '.join(once[:6])}{' ...' if len(once) > 6 else ''})"
+        if once
+        else ""
+    )
     print(f"merged {len(config.inputs)} file(s), {len(merged.directions)} direction(s){kept}: wrote {path}")
     return 0

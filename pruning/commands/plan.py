@@ -58,8 +58,17 @@ def run(args: argparse.Namespace) -> int:
     config = resolve(PlanConfig, args)
     topology = resolve_topology(config.model)
     hardware = Hardware(config.gpus, parse_memory(config.gpu_mem), config.device)
-    workload = Workload(config.dtype, config.batch_tokens, config.batch, config.beam, config.src_len, config.max_length,
-                        config.quantize, config.quantize_dense, config.group_size)
+    workload = Workload(
+        config.dtype,
+        config.batch_tokens,
+        config.batch,
+        config.beam,
+        config.src_len,
+        config.max_length,
+        config.quantize,
+        config.quantize_dense,
+        config.group_size,
+    )
     if config.experts:
         directions = parse_directions(src=config.src or None, tgt=config.tgt or None, langs=config.langs, pairs=config.pairs)
         kept = kept_from_index(topology, config.experts, directions)

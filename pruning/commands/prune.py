@@ -26,9 +26,15 @@ class PruneConfig(ExportOptions, SelectConfig):
     as ``experts.json`` and the manifest records these flags and the statistics file's sha256.
     """
 
-    langs: list[str] = field(default_factory=list, metadata={"help": "export every direction between these languages (comma-separated); selection runs for them"})
-    pairs: list[str] = field(default_factory=list, metadata={"help": "export these directions src-tgt (comma-separated); selection runs for their languages or for them"})
-    dtype: str = field(default="bf16", metadata={"help": "storage dtype of the export (routers stay fp32), also the dtype of --budget-gb", "choices": DTYPE_CHOICES})
+    langs: list[str] = field(
+        default_factory=list, metadata={"help": "export every direction between these languages (comma-separated); selection runs for them"}
+    )
+    pairs: list[str] = field(
+        default_factory=list, metadata={"help": "export these directions src-tgt (comma-separated); selection runs for their languages or for them"}
+    )
+    dtype: str = field(
+        default="bf16", metadata={"help": "storage dtype of the export (routers stay fp32), also the dtype of --budget-gb", "choices": DTYPE_CHOICES}
+    )
     stats: str = required(help="statistics to select from (our .safetensors file or the paper's stats-*.json); also --policy substitute|merge's")
 
     def selection_options(self) -> SelectOptions:

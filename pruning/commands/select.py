@@ -17,7 +17,10 @@ HELP = "Choose the experts to keep from routing statistics (ours or the paper's 
 class SelectConfig(SelectOptions):
     """Flags of ``nllb-prune select`` (keys of ``conf/select.yaml``): the selection options plus files."""
 
-    stats: str = field(default="", metadata={"help": "statistics: our .safetensors file or the paper's stats-*.json (optional for a data-free metric with --granularity global)"})
+    stats: str = field(
+        default="",
+        metadata={"help": "statistics: our .safetensors file or the paper's stats-*.json (optional for a data-free metric with --granularity global)"},
+    )
     out: str = field(default="", metadata={"help": "expert index to write (JSON, the paper's experts.json format)"})
 
     def validate(self) -> None:

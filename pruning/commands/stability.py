@@ -31,7 +31,9 @@ class StabilityConfig(SelectOptions):
     samples: int = field(default=200, metadata={"help": "bootstrap samples per number of chunks"})
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap (every entry draws the same chunk indices)"})
     threshold: float = field(default=0.9, metadata={"help": "report the fewest sentences from which the mean Jaccard stays at or above this"})
-    directions: list[str] = field(default_factory=list, metadata={"help": "use only these directions src-tgt of the statistics, comma-separated (default: all)"})
+    directions: list[str] = field(
+        default_factory=list, metadata={"help": "use only these directions src-tgt of the statistics, comma-separated (default: all)"}
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def validate(self) -> None:
@@ -109,9 +111,9 @@ def summary_lines(result: Any) -> list[str]:
             f"{last['mean']:.3f} [{last['p5']:.3f}, {last['p95']:.3f}] at {last['sentences']}"
         )
         enough = (
-            f">= {result.threshold} from {item['sentences']} sentences ({item['chunks']} chunk{'s' if item['chunks'] != 1 else ''})" if item["sentences"] is not None
+            f">= {result.threshold} from {item['sentences']} sentences ({item['chunks']} chunk{'s' if item['chunks'] != 1 else ''})"
+            if item["sentences"] is not None
             else f"never >= {result.threshold} with up to {item['of_chunks']} chunks"
         )
         lines.append(f"{item['unit']} {item['side']}: {span}; {enough}")
     return lines
-

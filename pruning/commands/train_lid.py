@@ -23,7 +23,9 @@ class TrainLidConfig:
     out: str = required(help="model file to write (JSON)")
     ngram_min: int = field(default=1, metadata={"help": "shortest character n-gram"})
     ngram_max: int = field(default=3, metadata={"help": "longest character n-gram"})
-    max_features: Optional[int] = field(default=None, metadata={"help": "keep only this many n-grams (the most frequent, summed over languages' relative frequencies)"})
+    max_features: Optional[int] = field(
+        default=None, metadata={"help": "keep only this many n-grams (the most frequent, summed over languages' relative frequencies)"}
+    )
     alpha: float = field(default=1.0, metadata={"help": "additive (Laplace) smoothing of the n-gram counts"})
     max_sentences: Optional[int] = field(default=None, metadata={"help": "train on the first N sentences of each language"})
     eval_data: str = field(default="", metadata={"help": "directory to report accuracy on (default: --data)"})
@@ -50,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
         texts = read_language_texts(config.data, split=config.split, langs=config.langs, max_sentences=config.max_sentences)
         source = {"data": str(config.data), "split": config.split, "sentences": {c: len(s) for c, s in texts.items()}}
         lid = train_naive_bayes(
-            texts, ngram_range=(config.ngram_min, config.ngram_max), alpha=config.alpha, max_features=config.max_features, source=source,
+            texts,
+            ngram_range=(config.ngram_min, config.ngram_max),
+            alpha=config.alpha,
+            max_features=config.max_features,
+            source=source,
         )
         path = lid.save(config.out)
     print(f"wrote {path}: {len(lid.codes)} languages, {len(lid.vocab)} n-grams ({config.ngram_min}-{config.ngram_max}), {path.stat().st_size / 1e3:.0f} kB")

@@ -31,12 +31,15 @@ class TranslateConfig:
     batch_tokens: int = field(default=4096, metadata={"help": "most padded source tokens per batch"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
     dtype: Optional[str] = field(default=None, metadata={"help": "bf16 | fp16 | fp32 (default: the checkpoint's)", "choices": DTYPE_CHOICES})
-    long_input: str = field(default="error", metadata={
-        "help": "a line longer than the model's positions (max_position_embeddings, 1024 for NLLB-200): error (stop before "
-        "translating anything), truncate (translate its first tokens) or split (translate it in pieces joined by a space); "
-        "truncate and split warn",
-        "choices": ["error", "truncate", "split"],
-    })
+    long_input: str = field(
+        default="error",
+        metadata={
+            "help": "a line longer than the model's positions (max_position_embeddings, 1024 for NLLB-200): error (stop before "
+            "translating anything), truncate (translate its first tokens) or split (translate it in pieces joined by a space); "
+            "truncate and split warn",
+            "choices": ["error", "truncate", "split"],
+        },
+    )
 
     def validate(self) -> None:
         from pruning.model.loading import check_device
@@ -86,7 +89,9 @@ def decode_utf8(data: bytes | str, *, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{what} is not valid UTF-8: line {line}, byte {exc.start} ({data[exc.start:exc.start + 1]!r}); convert it, e.g. iconv -t UTF-8") from None
+        raise ConfigError(
+            f"{what} is not valid UTF-8: line {line}, byte {exc.start} ({data[exc.start : exc.start + 1]!r}); convert it, e.g. iconv -t UTF-8"
+        ) from None
 
 
 def write_lines(path: Optional[str], lines: list[str]) -> None:
@@ -109,8 +114,14 @@ def run(args: argparse.Namespace) -> int:
         model = load_for_translation(config.model, device=config.device, dtype=config.dtype)
         source = config.input or "stdin"
         outputs = translate_sentences(
-            model, lines, src=config.src, tgt=config.tgt, options=config.decoding(), progress=bool(config.input) and len(lines) > 1,
-            long_input=config.long_input, line_name=lambda i: f"line {i + 1} of {source}",
+            model,
+            lines,
+            src=config.src,
+            tgt=config.tgt,
+            options=config.decoding(),
+            progress=bool(config.input) and len(lines) > 1,
+            long_input=config.long_input,
+            line_name=lambda i: f"line {i + 1} of {source}",
         )
         write_lines(config.output, outputs)
     if config.output:

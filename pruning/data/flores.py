@@ -60,10 +60,7 @@ class FloresDir:
         """The file of ``lang`` in ``split`` (checked to exist)."""
         files = self._split_files(split)
         if lang not in files:
-            raise FloresError(
-                f"language {lang!r} has no file {lang}.{split} in {self.root / split}; "
-                f"{_list_codes(sorted(files), lang)}"
-            )
+            raise FloresError(f"language {lang!r} has no file {lang}.{split} in {self.root / split}; {_list_codes(sorted(files), lang)}")
         return files[lang]
 
     # ---- reading ------------------------------------------------------------------------------
@@ -91,10 +88,7 @@ class FloresDir:
             folder = self.root / split
             if not folder.is_dir() or split not in self.splits():
                 present = self.splits()
-                raise FloresError(
-                    f"FLORES split {split!r} not found in {self.root}: valid splits here: "
-                    f"{', '.join(present) if present else 'none'}"
-                )
+                raise FloresError(f"FLORES split {split!r} not found in {self.root}: valid splits here: {', '.join(present) if present else 'none'}")
             self._files[split] = _scan_split(folder, split)
         return self._files[split]
 
@@ -107,10 +101,7 @@ class FloresDir:
         odd = sorted((lang for lang, n in counts.items() if n != usual), key=lambda lang: (counts[lang], lang))
         shown = ", ".join(f"{lang}.{split} has {counts[lang]}" for lang in odd[:5])
         more = f" (and {len(odd) - 5} more files)" if len(odd) > 5 else ""
-        raise FloresError(
-            f"FLORES split {split!r} in {self.root / split} is not line-aligned: {usual_n} files have "
-            f"{usual} lines, but {shown}{more}"
-        )
+        raise FloresError(f"FLORES split {split!r} in {self.root / split} is not line-aligned: {usual_n} files have {usual} lines, but {shown}{more}")
 
 
 def _find_root(path: Path) -> Path:
@@ -144,10 +135,7 @@ def _scan_split(folder: Path, split: str) -> dict[str, Path]:
         if path.suffix != "." + split or not path.is_file():
             continue
         if not is_code_form(path.stem):
-            raise FloresError(
-                f"FLORES file {path} is not named '{{lang}}.{split}' with an NLLB code of the form "
-                f"'xxx_Xxxx' (got {path.stem!r})"
-            )
+            raise FloresError(f"FLORES file {path} is not named '{{lang}}.{split}' with an NLLB code of the form 'xxx_Xxxx' (got {path.stem!r})")
         files[path.stem] = path
     return files
 

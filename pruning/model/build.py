@@ -8,27 +8,30 @@ Parameters are allocated once, at their final dtype and device, then filled tens
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
 
-from pruning.model.moe import DISPATCHES, ExtraRows, MoeLayer, Router, choose_dispatch
 from pruning.data.directions import Side
+from pruning.model.moe import DISPATCHES, ExtraRows, MoeLayer, Router, choose_dispatch
 from pruning.quant import QuantSpec
 from pruning.topology import Topology
 
-ExpertSelection = dict[tuple[str, int], list[int]]
+ExpertSelection = dict[tuple[Side, int], list[int]]
 """(side, layer) -> sorted original indices of the experts a MoE layer keeps."""
-LayerExtraRows = dict[tuple[str, int], ExtraRows]
+LayerExtraRows = dict[tuple[Side, int], ExtraRows]
 """(side, layer) -> router rows of pruned experts kept for routing (``substitute`` / ``merge`` policies)."""
 
 
 class NllbMoeForPruning(NllbMoeForConditionalGeneration):
     """``NllbMoeForConditionalGeneration`` whose MoE layers are ours (see :mod:`pruning.model.moe`)."""
 
-    tokenizer = None  # set by load_model when tokenizer files are found
+    tokenizer: Any = None  # set by load_model when tokenizer files are found
+    source_path: str = ""  # set by load_model: where the weights were read from
+    source_layout: Optional[str] = None
+    manifest: Optional[dict[str, Any]] = None  # an export's pruning manifest
     quantization = None  # the QuantSpec of a quantized export (pruning.quant), set by build_empty_model
 
     def moe_layers(self) -> Iterator[tuple[Side, int, MoeLayer]]:
@@ -85,7 +88,10 @@ class NllbMoeForPruning(NllbMoeForConditionalGeneration):
 
         weight = self.model.shared.weight
         chosen, reason = choose_dispatch(
-            name, device=weight.device, dtype=weight.dtype, d_model=self.config.d_model,
+            name,
+            device=weight.device,
+            dtype=weight.dtype,
+            d_model=self.config.d_model,
             ffn_dim=max(self.config.encoder_ffn_dim, self.config.decoder_ffn_dim),
         )
         quantized = any(isinstance(moe.experts, QuantizedStackedExperts) for _, _, moe in self.moe_layers())
@@ -179,9 +185,7 @@ def _materialise(model: nn.Module, *, dtype: torch.dtype, device: torch.device) 
 INIT_SCHEMES = ("normal", "fairseq")
 
 
-def init_random_weights(
-    model: NllbMoeForPruning, *, seed: int = 0, scheme: str = "normal", std: float = 0.02, router_std: float = 1.0
-) -> None:
+def init_random_weights(model: NllbMoeForPruning, *, seed: int = 0, scheme: str = "normal", std: float = 0.02, router_std: float = 1.0) -> None:
     """Fill a freshly built model with seeded random weights (tests, benchmarks, training), in place.
 
     Parameters are classified by the module that owns them (a :class:`Router`, a layer norm, the

@@ -46,9 +46,7 @@ from pruning.model.moe import TOP_K, Observer, Router, Routing, StackedExperts
 def shard_bounds(num_rows: int, world: int) -> list[tuple[int, int]]:
     """``[start, stop)`` of router rows owned by each of ``world`` ranks: contiguous, sizes differ by <= 1."""
     if world < 1 or num_rows < world:
-        raise CheckpointError(
-            f"expert parallelism over {world} ranks needs at least {world} experts in every MoE layer, got {num_rows}"
-        )
+        raise CheckpointError(f"expert parallelism over {world} ranks needs at least {world} experts in every MoE layer, got {num_rows}")
     base, extra = divmod(num_rows, world)
     bounds, start = [], 0
     for rank in range(world):
@@ -93,8 +91,7 @@ class ExpertParallelDispatch:
         mine = self.bounds[rank]
         if experts.num_experts != mine[1] - mine[0] or self.bounds[-1][1] != num_rows:
             raise RuntimeError(
-                f"expert-parallel rank {rank} holds {experts.num_experts} experts for rows {mine} of {num_rows}: "
-                f"the layer was not sharded with these bounds"
+                f"expert-parallel rank {rank} holds {experts.num_experts} experts for rows {mine} of {num_rows}: the layer was not sharded with these bounds"
             )
         grouped = self.local == "grouped"
         # this rank's assignments, sorted by router row (= by owner), token order kept within a row
@@ -118,9 +115,7 @@ class ExpertParallelDispatch:
         recv_splits = [int(counts[src, mine[0] : mine[1]].sum()) for src in range(world)]
 
         received = x.new_empty(sum(recv_splits), x.shape[1])  # [M, D]
-        dist.all_to_all_single(
-            received, x[flat_token].contiguous(), output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.group
-        )
+        dist.all_to_all_single(received, x[flat_token].contiguous(), output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.group)
         run = _run_segment_grouped if grouped else _run_segment_loop
         results = torch.empty_like(received)  # [M, D]
         start = 0
@@ -130,9 +125,7 @@ class ExpertParallelDispatch:
                 results[start:stop] = run(received[start:stop], per_expert, experts)
             start = stop
         returned = x.new_empty(flat_token.shape[0], x.shape[1])  # [N, D]
-        dist.all_to_all_single(
-            returned, results, output_split_sizes=send_splits, input_split_sizes=recv_splits, group=self.group
-        )
+        dist.all_to_all_single(returned, results, output_split_sizes=send_splits, input_split_sizes=recv_splits, group=self.group)
         if observe is not None:
             kept = flat_kept[order]  # [N]
             observe(routing, flat_row[order][kept], flat_token[kept], flat_k[order][kept], returned[kept])
@@ -217,4 +210,3 @@ def install_full_routers(model: NllbMoeForPruning, reader: Any, *, held: ExpertS
         router.weight.requires_grad_(False)
         moe.router = router
         moe.dispatch = ExpertParallelDispatch(group=group, bounds=shard_bounds(len(experts), world), local=local)
-

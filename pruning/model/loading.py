@@ -17,9 +17,12 @@ from pruning.model.moe import ExtraRows
 from pruning.quant import spec_of
 
 DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
 }
 
 
@@ -95,9 +98,9 @@ def load_model(
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
     model.tokenizer = tokenizer
-    model.source_path = str(path)  # type: ignore[attr-defined]
-    model.source_layout = reader.layout  # type: ignore[attr-defined]
-    model.manifest = reader.manifest  # type: ignore[attr-defined]
+    model.source_path = str(path)
+    model.source_layout = reader.layout
+    model.manifest = reader.manifest
     return model
 
 
@@ -127,9 +130,7 @@ def _check_selection(selection: ExpertSelection, available: dict[tuple[str, int]
 def fill_weights(model: NllbMoeForPruning, reader: CheckpointReader, *, progress: bool = False) -> None:
     """Copy every needed checkpoint tensor into ``model``; check shapes; require every parameter filled."""
     params = dict(model.model.named_parameters(remove_duplicate=False))
-    local_index = {
-        (side, layer): {e: i for i, e in enumerate(moe.expert_ids)} for side, layer, moe in model.moe_layers()
-    }
+    local_index = {(side, layer): {e: i for i, e in enumerate(moe.expert_ids)} for side, layer, moe in model.moe_layers()}
     present = reader.present_experts()
     filled: set[str] = set()
     entries = list(reader.entries())

@@ -62,6 +62,9 @@ class Routing:
 class Router(nn.Module):
     """``wg``: one fp32 row per kept expert, no bias. Routing runs in fp32 whatever the model dtype."""
 
+    expert_ids: torch.Tensor
+    """[R] long buffer: the original index of every router row."""
+
     def __init__(self, *, d_model: int, expert_ids: Sequence[int], capacity_fraction: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(len(expert_ids), d_model, dtype=torch.float32))
@@ -196,9 +199,7 @@ class ExtraRows:
         return slots
 
 
-def sorted_loop_dispatch(
-    x: torch.Tensor, routing: Routing, experts: StackedExperts, observe: Optional[Observer] = None
-) -> torch.Tensor:
+def sorted_loop_dispatch(x: torch.Tensor, routing: Routing, experts: StackedExperts, observe: Optional[Observer] = None) -> torch.Tensor:
     """Sort the T*K assignments by expert and run each expert once on its tokens.
 
     Never allocates [E, T, D]: memory is O(T*K*D). Returns the weighted sum [T, D] (before EOM scaling).
@@ -230,9 +231,7 @@ def sorted_loop_dispatch(
     return out
 
 
-def grouped_mm_dispatch(
-    x: torch.Tensor, routing: Routing, experts: StackedExperts, observe: Optional[Observer] = None
-) -> torch.Tensor:
+def grouped_mm_dispatch(x: torch.Tensor, routing: Routing, experts: StackedExperts, observe: Optional[Observer] = None) -> torch.Tensor:
     """All experts of the layer as two grouped GEMMs over the stacked weights; no host synchronisation.
 
     Every one of the T*K assignments is computed (dropped/padding ones get weight 0), so shapes never
@@ -365,7 +364,6 @@ class MoeLayer(nn.Module):
             out = out * (1.0 - self.eom)
         return out.reshape(batch, seq, d_model), routing
 
-
     def _slot_forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:  # only when row_slot is set
         """Dispatch over slots (experts) and add the constant outputs; [T, D] before EOM scaling."""
         to_experts, constant = slot_routing(routing, self.row_slot, num_experts=self.experts.num_experts)
@@ -411,9 +409,7 @@ def slot_routing(routing: Routing, row_slot: torch.Tensor, *, num_experts: int) 
     )
 
 
-def token_mask_from_attention(
-    attention_mask: Optional[torch.Tensor], *, batch: int, seq: int, device: torch.device
-) -> torch.Tensor:
+def token_mask_from_attention(attention_mask: Optional[torch.Tensor], *, batch: int, seq: int, device: torch.device) -> torch.Tensor:
     """[B*S] bool, True for real tokens, from the mask HF hands to its layers' ``ffn``.
 
     Accepts None (no padding), a 2-D [B, S] 0/1 mask, or HF's 4-D additive (0 / large negative) or

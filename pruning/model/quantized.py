@@ -47,8 +47,12 @@ KERNEL_MAX_ROWS = 64
 def int8_kernel_applies(x: torch.Tensor, q: torch.Tensor) -> bool:
     """Whether :func:`quantized_linear` hands int8 codes straight to ``torch._weight_int8pack_mm``."""
     return (
-        q.dtype == torch.int8 and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and x.shape[0] <= KERNEL_MAX_ROWS
-        and q.shape[-1] % KERNEL_K_MULTIPLE == 0 and hasattr(torch, "_weight_int8pack_mm")
+        q.dtype == torch.int8
+        and x.device.type == "cpu"
+        and x.dtype in KERNEL_DTYPES
+        and x.shape[0] <= KERNEL_MAX_ROWS
+        and q.shape[-1] % KERNEL_K_MULTIPLE == 0
+        and hasattr(torch, "_weight_int8pack_mm")
     )
 
 

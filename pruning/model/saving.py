@@ -20,7 +20,7 @@ def canonical_tensors(model: NllbMoeForPruning) -> Iterator[tuple[str, torch.Ten
         if any(name.startswith(p) for p in moe_prefixes):
             continue
         yield name, param.detach()
-    for prefix, (side, layer, moe) in moe_prefixes.items():
+    for side, layer, moe in moe_prefixes.values():
         yield keymap.router_key(side, layer), moe.router.weight.detach()
         for local, expert in enumerate(moe.expert_ids):
             for linear in ("fc1", "fc2"):

@@ -58,8 +58,13 @@ def decoder_inputs(labels: list[list[int]], *, start_id: int, pad_id: int) -> tu
 
 
 def make_batches(
-    sources: list[list[int]], labels: Optional[list[list[int]]], *, batch_tokens: int, pad_id: int,
-    first_line: int = 0, chunk_sentences: Optional[int] = None,
+    sources: list[list[int]],
+    labels: Optional[list[list[int]]],
+    *,
+    batch_tokens: int,
+    pad_id: int,
+    first_line: int = 0,
+    chunk_sentences: Optional[int] = None,
 ) -> list[Batch]:
     """Group sentences (longest first) so that ``B * max(longest source, longest label) <= batch_tokens``.
 

@@ -169,15 +169,25 @@ def _load(options: StatsOptions, ctx: Any) -> Any:
         from pruning.model.expert_parallel import load_expert_parallel_model
 
         return load_expert_parallel_model(
-            options.model, group=ctx.ep_group, device=ctx.device, dtype=options.dtype, dispatch=options.dispatch,
+            options.model,
+            group=ctx.ep_group,
+            device=ctx.device,
+            dtype=options.dtype,
+            dispatch=options.dispatch,
             progress=options.progress and ctx.is_main,
         )
     return load_model(options.model, ctx.device, options.dtype, dispatch=options.dispatch, progress=options.progress and ctx.is_main)
 
 
 def _collect_rounds(
-    options: StatsOptions, ctx: Any, model: Any, collector: RoutingCollector, flores: Any,
-    todo: list[str], stats: Optional[RoutingStats], out: Path,
+    options: StatsOptions,
+    ctx: Any,
+    model: Any,
+    collector: RoutingCollector,
+    flores: Any,
+    todo: list[str],
+    stats: Optional[RoutingStats],
+    out: Path,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -231,8 +241,15 @@ def reduce_counters(ctx: Any, table: torch.Tensor, *, peaks: torch.Tensor) -> to
 
 
 def _run_direction(
-    options: StatsOptions, ctx: Any, model: Any, collector: RoutingCollector, flores: Any, tokenizer: Any,
-    direction: Optional[str], *, show: bool,
+    options: StatsOptions,
+    ctx: Any,
+    model: Any,
+    collector: RoutingCollector,
+    flores: Any,
+    tokenizer: Any,
+    direction: Optional[str],
+    *,
+    show: bool,
 ) -> torch.Tensor:
     """This process's counters for ``direction`` (None: only keep step with the others), flat, + sentences
     (+ with ``--chunk-sentences``: the chunk table and sentences per chunk, :meth:`ChunkTable.flat`)."""
@@ -240,8 +257,10 @@ def _run_direction(
 
     config = model.config
     batches: list[Batch] = []
-    src, tgt = split_direction(direction) if direction else (None, None)
+    src: Optional[str] = None
+    tgt: Optional[str] = None
     if direction is not None:
+        src, tgt = split_direction(direction)
         batches = _direction_batches(options, flores, tokenizer, src=src, tgt=tgt, pad_id=config.pad_token_id)
     mine = batches[ctx.ep_rank :: ctx.ep_size]  # expert-parallel ranks share the direction's batches
     # expert parallelism: every forward exchanges tokens, so every process runs the same number of steps
@@ -249,9 +268,14 @@ def _run_direction(
     steps = ctx.all_reduce_max(len(mine)) if ctx.ep_size > 1 else len(mine)
     any_lang = options.languages()[0]
     decoding = Decoding(
-        mode=options.mode, beam=options.beam, max_new_tokens=options.max_new_tokens,
-        start_id=config.decoder_start_token_id, pad_id=config.pad_token_id, eos_id=config.eos_token_id,
-        tgt_id=tokenizer.convert_tokens_to_ids(tgt or any_lang), synced=ctx.ep_size > 1,
+        mode=options.mode,
+        beam=options.beam,
+        max_new_tokens=options.max_new_tokens,
+        start_id=config.decoder_start_token_id,
+        pad_id=config.pad_token_id,
+        eos_id=config.eos_token_id,
+        tgt_id=tokenizer.convert_tokens_to_ids(tgt or any_lang),
+        synced=ctx.ep_size > 1,
     )
     _route_direction(model, src, tgt)
     collector.reset()
@@ -297,6 +321,4 @@ def _direction_batches(options: StatsOptions, flores: Any, tokenizer: Any, *, sr
     targets = flores.read(tgt, options.split)[lines.start : lines.stop] if options.mode == "teacher" else None
     source_ids = encode(tokenizer, sources, lang=src, target=False)
     label_ids = encode(tokenizer, targets, lang=tgt, target=True) if targets is not None else None
-    return make_batches(
-        source_ids, label_ids, batch_tokens=options.batch_tokens, pad_id=pad_id, first_line=lines.start, chunk_sentences=options.chunk_size
-    )
+    return make_batches(source_ids, label_ids, batch_tokens=options.batch_tokens, pad_id=pad_id, first_line=lines.start, chunk_sentences=options.chunk_size)

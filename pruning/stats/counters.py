@@ -103,10 +103,7 @@ class Chunks:
         return Chunks(
             torch.cat([self.ids, other.ids])[order],
             torch.cat([self.sentences, other.sentences])[order],
-            {
-                side: {name: torch.cat([value, other.counters[side][name]])[order] for name, value in named.items()}
-                for side, named in self.counters.items()
-            },
+            {side: {name: torch.cat([value, other.counters[side][name]])[order] for name, value in named.items()} for side, named in self.counters.items()},
         )
 
 
@@ -149,10 +146,7 @@ class RoutingStats:
             bucket[name] = torch.maximum(bucket[name], value)
         else:
             if bucket[name].shape != value.shape:
-                raise StatsError(
-                    f"counter {direction}/{side}/{name}: expected shape {tuple(bucket[name].shape)}, "
-                    f"got {tuple(value.shape)}"
-                )
+                raise StatsError(f"counter {direction}/{side}/{name}: expected shape {tuple(bucket[name].shape)}, got {tuple(value.shape)}")
             bucket[name] += value
 
     def merge(self, other: "RoutingStats", *, what: str = "the other statistics") -> "RoutingStats":
@@ -232,8 +226,7 @@ class RoutingStats:
         """Refuse sums that would mean nothing: shares with counts, or a direction with different counters."""
         if self.is_normalised() != other.is_normalised():
             raise StatsError(
-                f"{what}: cannot merge statistics imported from the paper's JSON (normalised shares) with "
-                "collected counts; select from each separately"
+                f"{what}: cannot merge statistics imported from the paper's JSON (normalised shares) with collected counts; select from each separately"
             )
         if self.chunk_sentences and other.chunk_sentences and self.chunk_sentences != other.chunk_sentences:
             raise StatsError(
@@ -284,13 +277,10 @@ class RoutingStats:
             n_layers = self.num_layers(side)
             if value.dim() == 0 or value.shape[0] != n_layers:
                 raise StatsError(
-                    f"{what}: counter {direction}/{side}/{name} has shape {tuple(value.shape)}, "
-                    f"expected first dimension {n_layers} (MoE layers of that side)"
+                    f"{what}: counter {direction}/{side}/{name} has shape {tuple(value.shape)}, expected first dimension {n_layers} (MoE layers of that side)"
                 )
             if name in BASE_COUNTERS and name != "tokens" and tuple(value.shape) != (n_layers, e):
-                raise StatsError(
-                    f"{what}: counter {direction}/{side}/{name} has shape {tuple(value.shape)}, expected ({n_layers}, {e})"
-                )
+                raise StatsError(f"{what}: counter {direction}/{side}/{name} has shape {tuple(value.shape)}, expected ({n_layers}, {e})")
             if torch.isnan(value).any():
                 raise StatsError(f"{what}: counter {direction}/{side}/{name} contains NaN")
             if name in BASE_COUNTERS and (value < 0).any():
@@ -366,10 +356,7 @@ class RoutingStats:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 if metadata.get("format") != FORMAT:
-                    raise StatsError(
-                        f"{path} is not a routing statistics file (metadata format={metadata.get('format')!r}, "
-                        f"expected {FORMAT!r})"
-                    )
+                    raise StatsError(f"{path} is not a routing statistics file (metadata format={metadata.get('format')!r}, expected {FORMAT!r})")
                 if int(metadata.get("version", -1)) > VERSION:
                     raise StatsError(f"{path} has format version {metadata['version']}, this toolkit reads <= {VERSION}")
                 topology = Topology.from_dict(json.loads(metadata["topology"]))
@@ -412,9 +399,7 @@ def _read_chunk_key(key: str, value: torch.Tensor, parts: dict[str, dict[str, An
         split_direction(fields[1])
         parts.setdefault(fields[1], {}).setdefault("counters", {}).setdefault(fields[2], {})[fields[3]] = value
     else:
-        raise StatsError(
-            f"{path}: tensor {key!r} is not named '{CHUNKS}/{{src}}-{{tgt}}/ids', '.../sentences' or '.../{{enc|dec}}/{{counter}}'"
-        )
+        raise StatsError(f"{path}: tensor {key!r} is not named '{CHUNKS}/{{src}}-{{tgt}}/ids', '.../sentences' or '.../{{enc|dec}}/{{counter}}'")
 
 
 def _assemble_chunks(parts: dict[str, dict[str, Any]], path: Path) -> dict[str, Chunks]:

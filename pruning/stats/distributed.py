@@ -117,8 +117,7 @@ def check_launch(expert_parallel: int) -> int:
         )
     if world % expert_parallel:
         raise ConfigError(
-            f"--expert-parallel {expert_parallel} must divide the number of processes ({world}): "
-            f"world = expert-parallel size x data-parallel size"
+            f"--expert-parallel {expert_parallel} must divide the number of processes ({world}): world = expert-parallel size x data-parallel size"
         )
     return world
 
@@ -161,4 +160,3 @@ def _process_device(device: str, local_rank: int) -> torch.device:
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", local_rank)
     return target
-

@@ -30,15 +30,27 @@ class StatsOptions:
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per batch: sentences x longest (source or target)"})
     max_sentences: int | None = field(default=None, metadata={"help": "use at most N sentences of the split (from --first-sentence)"})
     first_sentence: int = field(default=0, metadata={"help": "first line (0-based) of the split to use; with --chunk-sentences K a multiple of K"})
-    chunk_sentences: int | None = field(default=None, metadata={"help": "also keep the counters per chunk of K sentences (lines [cK, (c+1)K)) so that they can be resampled (nllb-prune stability); 0 or unset: off"})
+    chunk_sentences: int | None = field(
+        default=None,
+        metadata={
+            "help": "also keep the counters per chunk of K sentences (lines [cK, (c+1)K)) so that they can be resampled (nllb-prune stability); 0 or unset: off"
+        },
+    )
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)"})
     dtype: str | None = field(default=None, metadata={"help": "fp32, bf16 or fp16 (default: the checkpoint's); routers always run in fp32"})
-    dispatch: str = field(default="auto", metadata={"help": "expert dispatch: auto (grouped GEMM where supported), grouped or loop", "choices": ("auto", "grouped", "loop")})
+    dispatch: str = field(
+        default="auto", metadata={"help": "expert dispatch: auto (grouped GEMM where supported), grouped or loop", "choices": ("auto", "grouped", "loop")}
+    )
     out: str = required(help="statistics file to write (.safetensors)")
     resume: bool = field(default=False, metadata={"help": "continue --out: skip the directions it already holds"})
     expert_parallel: int = field(default=1, metadata={"help": "ranks sharing one model's experts (torchrun); world = this x data-parallel size"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
-    expert_outputs: bool = field(default=False, metadata={"help": "also count expert-output norms, gate x norm, max |activation|, mean output, co-activation and the p2/p1 gate histogram (one process: the experts run twice; docs/statistics.md)"})
+    expert_outputs: bool = field(
+        default=False,
+        metadata={
+            "help": "also count expert-output norms, gate x norm, max |activation|, mean output, co-activation and the p2/p1 gate histogram (one process: the experts run twice; docs/statistics.md)"
+        },
+    )
 
     def validate(self) -> None:
         check_required(self)  # also when built in Python, not from flags
@@ -57,7 +69,12 @@ class StatsOptions:
         from pruning.model.loading import check_device
 
         check_device(self.device)
-        for flag, value in (("--beam", self.beam), ("--max-new-tokens", self.max_new_tokens), ("--batch-tokens", self.batch_tokens), ("--expert-parallel", self.expert_parallel)):
+        for flag, value in (
+            ("--beam", self.beam),
+            ("--max-new-tokens", self.max_new_tokens),
+            ("--batch-tokens", self.batch_tokens),
+            ("--expert-parallel", self.expert_parallel),
+        ):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.max_sentences is not None and self.max_sentences < 1:
@@ -125,6 +142,5 @@ def check_tokenizer_languages(tokenizer: Any, languages: list[str]) -> None:
     if unknown:
         known = tokenizer_codes(tokenizer)
         raise StatsError(
-            f"the model's tokenizer has no language code for {unknown}; it knows {len(known)} codes"
-            + (f": {', '.join(known[:10])} ..." if known else "")
+            f"the model's tokenizer has no language code for {unknown}; it knows {len(known)} codes" + (f": {', '.join(known[:10])} ..." if known else "")
         )

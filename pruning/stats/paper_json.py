@@ -155,9 +155,7 @@ def paper_quantities(counters: dict[str, torch.Tensor], *, where: str = "statist
     return out
 
 
-def stats_to_paper_data(
-    stats: RoutingStats, *, directions: bool = True, languages: bool = False
-) -> dict[str, dict[str, list[float]]]:
+def stats_to_paper_data(stats: RoutingStats, *, directions: bool = True, languages: bool = False) -> dict[str, dict[str, list[float]]]:
     """JSON value of ``stats`` in the paper's format: per direction, and/or ``src-X`` / ``X-tgt`` aggregates."""
     from metrics import sum_counters
 
@@ -185,9 +183,7 @@ def stats_to_paper_data(
     return out
 
 
-def write_paper_json(
-    stats: RoutingStats, path: str | os.PathLike[str], *, directions: bool = True, languages: bool = False
-) -> Path:
+def write_paper_json(stats: RoutingStats, path: str | os.PathLike[str], *, directions: bool = True, languages: bool = False) -> Path:
     """Write ``stats`` as a paper ``stats-*.json``, atomically."""
     stats.validate(what="statistics to export")
     data = stats_to_paper_data(stats, directions=directions, languages=languages)

@@ -27,8 +27,8 @@ from typing import Any, Iterable, Optional
 
 from pruning.data.directions import split_direction
 from pruning.model.identity import model_identity
-from pruning.versions import versions
 from pruning.stats.counters import StatsError
+from pruning.versions import versions
 
 
 # ---- the data a run reads ------------------------------------------------------------------------
@@ -155,8 +155,16 @@ def collection_info(options: Any, model: Any, *, expert_parallel: int, data_para
 
 
 _RESUME_KEYS = (
-    ("model", "config_sha256"), ("model", "router_fingerprint"), ("data", "split"), ("data", "max_sentences"),
-    ("data", "first_sentence"), ("mode",), ("beam",), ("max_new_tokens",), ("expert_outputs",), ("chunk_sentences",),
+    ("model", "config_sha256"),
+    ("model", "router_fingerprint"),
+    ("data", "split"),
+    ("data", "max_sentences"),
+    ("data", "first_sentence"),
+    ("mode",),
+    ("beam",),
+    ("max_new_tokens",),
+    ("expert_outputs",),
+    ("chunk_sentences",),
 )
 _RESUME_DEFAULTS: dict[tuple[str, ...], Any] = {("data", "first_sentence"): 0}
 """What a file from before an option was collected with (no key in its info)."""
