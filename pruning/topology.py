@@ -161,6 +161,7 @@ class Topology:
     @classmethod
     def from_config(cls, config: Any) -> "Topology":
         """From a ``transformers`` ``NllbMoeConfig`` (or any object/dict with the same fields)."""
+
         def get(key: str, default: Any = None) -> Any:
             return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
