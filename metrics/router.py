@@ -15,7 +15,7 @@ score low, so a selection keeps at least the other experts first); a row orthogo
 scores 1. A zero row has cosine 0 to every row (score 1). Scores lie in [0, 2].
 
 The rows are counter ``router_rows`` [L, E, D] of one side, which statistics files do not hold:
-:func:`read_router_rows` reads them from a checkpoint through the lazy reader (routers only; no expert
+:func:`pruning.checkpoint.reader.read_router_rows` reads them from a checkpoint through the lazy reader (routers only; no expert
 weight is loaded) and :func:`router_counters` gives each side's counters for :func:`metrics.compute_metric`.
 ``nllb-prune select --router-model CKPT`` does both. A pruned export is refused: its routers hold
 only the kept experts' rows, so the distances would be over a different set of experts than the
@@ -24,13 +24,10 @@ index's ids describe (give the unpruned checkpoint).
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
 from metrics.registry import Counters, MetricError, register_metric
+from pruning.checkpoint.reader import RouterRows
 
 ROUTER_ROWS = "router_rows"
 ROUTER_METRICS = frozenset({"router_distinct"})
@@ -58,49 +55,6 @@ def router_distinct(c: Counters) -> torch.Tensor:
     cosine = unit @ unit.transpose(1, 2)  # [L, E, E]
     cosine.diagonal(dim1=1, dim2=2).fill_(-torch.inf)  # an expert is not its own neighbour
     return (1.0 - cosine.amax(dim=-1)).clamp(min=0.0)  # [L, E]; clamp: rounding can give -1e-16
-
-
-# ---- reading the rows ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RouterRows:
-    """Router rows of every MoE layer of a checkpoint."""
-
-    path: Path
-    topology: object
-    """The checkpoint's :class:`pruning.topology.Topology`."""
-    rows: dict[str, torch.Tensor]
-    """``{"enc": [L_enc, E, D], "dec": [L_dec, E, D]}`` (float64), layers in ``topology.moe_layers`` order."""
-
-
-def read_router_rows(path: str | os.PathLike[str]) -> RouterRows:
-    """The router weights of checkpoint ``path`` (either layout), read tensor by tensor; experts are not loaded."""
-    from pruning.checkpoint.keymap import parse_router_key
-    from pruning.checkpoint.reader import open_checkpoint
-    from pruning.data.directions import SHORT_SIDE, SIDES
-
-    reader = open_checkpoint(path)
-    topology = reader.topology
-    routers = {}
-    for entry in reader.entries():
-        key = parse_router_key(entry.name)
-        if key is not None:
-            routers[key] = entry.tensor
-    rows: dict[str, torch.Tensor] = {}
-    for side in SIDES:
-        per_layer = []
-        for layer in topology.moe_layers(side):
-            tensor = routers.get((side, layer))
-            if tensor is None:
-                raise MetricError(f"{reader.path}: no router weight for {side} MoE layer {layer}")
-            if tuple(tensor.shape)[0] != topology.num_experts:
-                raise MetricError(
-                    f"{reader.path}: the router of {side} layer {layer} has {tuple(tensor.shape)[0]} rows, but the model has "
-                    f"{topology.num_experts} experts per layer (a pruned export keeps only its kept experts' rows); "
-                    f"router metrics need the unpruned checkpoint"
-                )
-            per_layer.append(tensor.load().to(torch.float64))  # [E, D]
-        rows[SHORT_SIDE[side]] = torch.stack(per_layer)  # [L, E, D]
-    return RouterRows(reader.path, topology, rows)
 
 
 def router_counters(router: RouterRows) -> dict[str, dict[str, torch.Tensor]]:

@@ -21,7 +21,7 @@ def load_model(*args: Any, **kwargs: Any):  # noqa: ANN201 - re-exported, see pr
 
 
 def load_tokenizer(*args: Any, **kwargs: Any):  # noqa: ANN201
-    from pruning.model.loading import load_tokenizer as _load_tokenizer
+    from pruning.checkpoint.tokenizer import load_tokenizer as _load_tokenizer
 
     return _load_tokenizer(*args, **kwargs)
 

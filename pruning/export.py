@@ -27,7 +27,7 @@ policy transform (a merged expert is quantized once merged). An export that is a
 is carried through as it is (re-exporting a subset with ``--policy drop``) and cannot be quantized again.
 
 Several directions (``--langs`` / ``--pairs``) keep the union of their experts; at translation time
-:func:`pruning.manifest.set_direction` routes each direction over its own experts only, so one GPU
+``model.set_direction`` (:mod:`pruning.model.build`) routes each direction over its own experts only, so one GPU
 serves them all without reloading.
 
 Determinism: tensors are written in a fixed order of their canonical names (natural sort: layer 3

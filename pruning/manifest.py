@@ -1,7 +1,7 @@
 """``pruning_manifest.json``: what a pruned export holds and which experts each direction may use.
 
 Written by :mod:`pruning.export` into every export; read back by :func:`pruning.load_model` (as
-``model.manifest``) and by :func:`set_direction`. Fields (format version 1):
+``model.manifest``) and by :meth:`pruning.model.build.NllbMoeForPruning.set_direction`. Fields (format version 1):
 
 * ``format``, ``format_version``, ``created_by`` (``nllb-prune <version>``);
 * ``topology``: the *unpruned* model's shape (:meth:`Topology.to_dict`): global expert ids stay those
@@ -286,50 +286,3 @@ def direction_experts(manifest: Mapping[str, Any], src: str, tgt: str) -> LayerE
         ref = topology.expert_ref(int(gid))
         out[(ref.side, ref.layer)].append(ref.expert)
     return {key: sorted(value) for key, value in out.items()}
-
-
-def set_direction(model: Any, src: Optional[str], tgt: Optional[str] = None) -> None:
-    """Route every MoE layer of ``model`` over direction ``src-tgt``'s own experts only.
-
-    Uses ``model.manifest`` (an export's manifest, set by :func:`pruning.load_model`): each layer's
-    ``router.active`` becomes a [R] bool mask over the router's rows, or None when the direction uses
-    all of them. ``set_direction(model, None)`` clears every mask. A model without a manifest (a full
-    checkpoint) is left routing over everything it holds.
-
-    Rows of pruned experts kept by a ``skip`` / ``substitute`` / ``merge`` export (experts outside the
-    union of the export's directions) stay active for every direction. An expert of the union that a
-    direction does not use is masked out of its routing, as with ``drop``; under ``skip`` it is instead
-    silenced (``moe.silenced``): routed to as in the unpruned model, contributing nothing, like the
-    pruned experts.
-    """
-    layers = list(model.moe_layers())
-    for _, _, moe in layers:
-        moe.router.active = None
-        moe.silenced = None
-    if src is None:
-        return
-    if tgt is None:
-        raise ManifestError("set_direction needs both the source and the target language (or None to clear)")
-    manifest = getattr(model, "manifest", None)
-    if not manifest:
-        return
-    skip = policy_name(manifest) == "skip"
-    wanted = direction_experts(manifest, src, tgt)
-    for side, layer, moe in layers:
-        held = moe.expert_ids
-        keep = set(wanted.get((side, layer), []))
-        lacking = sorted(keep - set(held))
-        if lacking:
-            raise ManifestError(
-                f"the manifest gives direction {src}-{tgt} expert(s) {lacking[:10]} in {side} layer {layer}, "
-                f"which the loaded model does not hold (it holds {held[:10]}...)"
-            )
-        if not keep:
-            raise ManifestError(f"the manifest gives direction {src}-{tgt} no expert in {side} layer {layer}")
-        if keep != set(held):
-            extra = len(moe.router.expert_ids) - len(held)  # rows of pruned experts (policy exports)
-            mask = torch.tensor([e in keep for e in held] + [True] * extra, dtype=torch.bool, device=moe.router.weight.device)
-            if skip:  # route over every row, as the unpruned model; the direction's other experts give nothing
-                moe.silenced = ~mask
-            else:
-                moe.router.active = mask

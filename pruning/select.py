@@ -562,7 +562,8 @@ def _router_scores(stats: RoutingStats | None, options: SelectOptions) -> _Route
             f"without statistics there are no languages or directions to select for: the data-free metric {options.metric} "
             f"gives one list; use --granularity global (or give --stats to name the entries)"
         )
-    from metrics.router import read_router_rows, router_counters
+    from metrics.router import router_counters
+    from pruning.checkpoint.reader import read_router_rows
 
     router = read_router_rows(options.router_model)
     if stats is not None:

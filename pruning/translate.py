@@ -6,7 +6,7 @@
   padded source tokens (at least one sentence per batch); outputs come back in input order.
 * Blank input lines give blank output lines without running the model.
 * A pruned export serving several directions routes each direction over its own experts
-  (:func:`set_direction`, from the export's manifest) before translating it.
+  (``model.set_direction``, from the export's manifest) before translating it.
 * A source longer than the model's positions (``max_position_embeddings``, 1,024 for NLLB-200, its
   language code and ``</s>`` included) is, by ``long_input`` (``--long-input``): an error before anything
   is translated (``error``, the default), cut to its first tokens (``truncate``), or translated in pieces
@@ -25,9 +25,8 @@ from tqdm.auto import tqdm
 
 from pruning.data.batching import length_batches
 from pruning.errors import UserError
-from pruning.manifest import set_direction
 
-__all__ = ["DecodingOptions", "TranslateError", "set_direction", "translate_sentences"]
+__all__ = ["DecodingOptions", "TranslateError", "translate_sentences"]
 
 LONG_INPUT_CHOICES = ("error", "truncate", "split")
 """What happens to a source longer than the model's positions (see the module doc)."""
@@ -190,7 +189,7 @@ def translate_sentences(
     language_token_id(tokenizer, src, flag="--src")
     tgt_id = language_token_id(tokenizer, tgt, flag="--tgt")
     if hasattr(model, "moe_layers"):
-        set_direction(model, src, tgt)
+        model.set_direction(src, tgt)
     tokenizer.src_lang = src
     todo = [i for i, s in enumerate(sentences) if s.strip()]
     encoded = tokenizer([sentences[i] for i in todo], add_special_tokens=True, verbose=False)["input_ids"] if todo else []

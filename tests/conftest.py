@@ -31,7 +31,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir):
-    from pruning.model.loading import load_tokenizer
+    from pruning.checkpoint.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_tokenizer_dir)
 

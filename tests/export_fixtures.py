@@ -71,8 +71,8 @@ def talkative_hf_dir(directory: Path, tokenizer_dir: Path, *, seed: int = 0) -> 
     The random fixture model otherwise generates language codes, which decode to empty strings; with
     their (tied) output rows small, it generates ordinary pieces, so hypotheses are non-empty text.
     """
+    from pruning.checkpoint.tokenizer import load_tokenizer
     from pruning.data.languages import nllb_codes
-    from pruning.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     model = fixtures.make_model(len(tokenizer), seed=seed)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from metrics import MetricError, compute_metric
-from metrics.router import read_router_rows, router_counters, router_distinct
+from metrics.router import router_counters, router_distinct
 from pruning.checkpoint import reader as reader_module
-from pruning.checkpoint.torch_zip import LazyTensor
+from pruning.checkpoint.reader import read_router_rows
+from pruning.checkpoint.torch_zip import CheckpointError, LazyTensor
 from pruning.cli import main
 from pruning.data.directions import SHORT_SIDE
 from pruning.index import read_index
@@ -145,6 +146,6 @@ def test_pruned_export_is_refused_naming_the_layer(tmp_path, tiny_hf_dir):
     index = ef.write_lang_index(tmp_path / "experts.json", open_checkpoint(tiny_hf_dir).topology)
     pruned = export_checkpoint(tiny_hf_dir, experts=index, out=tmp_path / "pruned", directions=parse_directions(pairs=["fra_Latn-deu_Latn"]), progress=False)
     with pytest.raises(
-        MetricError, match=r"the router of encoder layer 3 has \d+ rows, but the model has 128 experts per layer .* need the unpruned checkpoint"
+        CheckpointError, match=r"the router of encoder layer 3 has \d+ rows, but the model has 128 experts per layer .* need the unpruned checkpoint"
     ):
         read_router_rows(pruned)

@@ -92,7 +92,7 @@ def copy_tokenizer(reader: CheckpointReader, directory: Path) -> bool:
             if (source / name).is_file():
                 shutil.copyfile(source / name, directory / name)
         return True
-    from pruning.model.loading import load_tokenizer
+    from pruning.checkpoint.tokenizer import load_tokenizer
 
     load_tokenizer(source).save_pretrained(str(directory))
     return True

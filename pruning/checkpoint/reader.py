@@ -30,7 +30,7 @@ from pruning.atomic import read_json
 from pruning.checkpoint import keymap
 from pruning.checkpoint.consistency import check_config_data, check_experts
 from pruning.checkpoint.torch_zip import CheckpointError, LazyTensor, find_in_opaque, map_bytes, read_pickle
-from pruning.data.directions import SIDES
+from pruning.data.directions import SHORT_SIDE, SIDES
 from pruning.topology import NLLB_MOE_54B, Topology
 
 HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -529,3 +529,45 @@ def _check_shapes(
             wrong.append(f"{entry.file.name}:{entry.source_key} is {entry.tensor.dtype}, the manifest's quantization stores it as {stored[1]}")
     if wrong:
         raise CheckpointError(f"{reader.path}: {len(wrong)} tensor(s) do not match the config: " + "; ".join(wrong[:10]))
+
+
+# ---- router rows (data-free metrics) --------------------------------------------------------------
+@dataclass(frozen=True)
+class RouterRows:
+    """Router rows of every MoE layer of a checkpoint."""
+
+    path: Path
+    topology: object
+    """The checkpoint's :class:`pruning.topology.Topology`."""
+    rows: dict[str, torch.Tensor]
+    """``{"enc": [L_enc, E, D], "dec": [L_dec, E, D]}`` (float64), layers in ``topology.moe_layers`` order."""
+
+
+def read_router_rows(path: str | Path) -> RouterRows:
+    """The router weights of checkpoint ``path`` (either layout), read tensor by tensor; experts are not loaded.
+
+    For the data-free router metrics (:mod:`metrics.router`), which take these tensors.
+    """
+    reader = open_checkpoint(path)
+    topology = reader.topology
+    routers = {}
+    for entry in reader.entries():
+        key = keymap.parse_router_key(entry.name)
+        if key is not None:
+            routers[key] = entry.tensor
+    rows: dict[str, torch.Tensor] = {}
+    for side in SIDES:
+        per_layer = []
+        for layer in topology.moe_layers(side):
+            tensor = routers.get((side, layer))
+            if tensor is None:
+                raise CheckpointError(f"{reader.path}: no router weight for {side} MoE layer {layer}")
+            if tuple(tensor.shape)[0] != topology.num_experts:
+                raise CheckpointError(
+                    f"{reader.path}: the router of {side} layer {layer} has {tuple(tensor.shape)[0]} rows, but the model has "
+                    f"{topology.num_experts} experts per layer (a pruned export keeps only its kept experts' rows); "
+                    f"router metrics need the unpruned checkpoint"
+                )
+            per_layer.append(tensor.load().to(torch.float64))  # [E, D]
+        rows[SHORT_SIDE[side]] = torch.stack(per_layer)  # [L, E, D]
+    return RouterRows(reader.path, topology, rows)

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
 
 from pruning.data.directions import Side
+from pruning.manifest import ManifestError, direction_experts, policy_name
 from pruning.model.moe import DISPATCHES, ExtraRows, MoeLayer, Router, choose_dispatch
 from pruning.quant import QuantSpec
 from pruning.topology import Topology
@@ -60,10 +61,50 @@ class NllbMoeForPruning(NllbMoeForConditionalGeneration):
         return {(side, layer): moe.extra_rows for side, layer, moe in self.moe_layers() if moe.extra_rows.ids}
 
     def set_direction(self, src: Optional[str], tgt: Optional[str] = None) -> None:
-        """Route over direction ``src-tgt``'s experts of an export's manifest; None clears (see pruning.manifest)."""
-        from pruning.manifest import set_direction
+        """Route every MoE layer of ``model`` over direction ``src-tgt``'s own experts only.
 
-        set_direction(self, src, tgt)
+        Uses ``model.manifest`` (an export's manifest, set by :func:`pruning.load_model`): each layer's
+        ``router.active`` becomes a [R] bool mask over the router's rows, or None when the direction uses
+        all of them. ``set_direction(None)`` clears every mask. A model without a manifest (a full
+        checkpoint) is left routing over everything it holds.
+
+        Rows of pruned experts kept by a ``skip`` / ``substitute`` / ``merge`` export (experts outside the
+        union of the export's directions) stay active for every direction. An expert of the union that a
+        direction does not use is masked out of its routing, as with ``drop``; under ``skip`` it is instead
+        silenced (``moe.silenced``): routed to as in the unpruned model, contributing nothing, like the
+        pruned experts.
+        """
+        layers = list(self.moe_layers())
+        for _, _, moe in layers:
+            moe.router.active = None
+            moe.silenced = None
+        if src is None:
+            return
+        if tgt is None:
+            raise ManifestError("set_direction needs both the source and the target language (or None to clear)")
+        manifest = self.manifest
+        if not manifest:
+            return
+        skip = policy_name(manifest) == "skip"
+        wanted = direction_experts(manifest, src, tgt)
+        for side, layer, moe in layers:
+            held = moe.expert_ids
+            keep = set(wanted.get((side, layer), []))
+            lacking = sorted(keep - set(held))
+            if lacking:
+                raise ManifestError(
+                    f"the manifest gives direction {src}-{tgt} expert(s) {lacking[:10]} in {side} layer {layer}, "
+                    f"which the loaded model does not hold (it holds {held[:10]}...)"
+                )
+            if not keep:
+                raise ManifestError(f"the manifest gives direction {src}-{tgt} no expert in {side} layer {layer}")
+            if keep != set(held):
+                extra = len(moe.router.expert_ids) - len(held)  # rows of pruned experts (policy exports)
+                mask = torch.tensor([e in keep for e in held] + [True] * extra, dtype=torch.bool, device=moe.router.weight.device)
+                if skip:  # route over every row, as the unpruned model; the direction's other experts give nothing
+                    moe.silenced = ~mask
+                else:
+                    moe.router.active = mask
 
     def set_no_experts(self, on: bool = True) -> None:
         """The no-expert floor: every MoE layer adds nothing to the residual stream (all expert outputs zeroed).
