@@ -95,7 +95,7 @@ def test_beyond_report_pairs_directions_and_names_the_winner(tmp_path):
     assert report.winners(alone, [0.5]) == ["- 50.0% pruned: the paper's importance + drop is best (70.00 chrF++)."]
 
 
-def test_beyond_grid_covers_full_then_every_plan_policy_criterion():
+def test_beyond_grid_covers_full_floor_then_every_plan_policy_criterion():
     from omegaconf import OmegaConf
 
     from experiments.beyond.study import grid, run_name
@@ -105,5 +105,5 @@ def test_beyond_grid_covers_full_then_every_plan_policy_criterion():
     )
     configs = grid(cfg)
     names = [run_name(c) for c in configs]
-    assert names[0] == "full" and len(names) == 1 + 2 * 2 * 3 == len(set(names))
+    assert names[:2] == ["full", "floor"] and len(names) == 2 + 2 * 2 * 3 == len(set(names))
     assert "mean-skip-keep6" in names and configs[names.index("mean-skip-keep6")]["enc_keep"] == 4
