@@ -13,8 +13,6 @@ $PY -m experiments.paper.report --results experiments/results/paper128
 $PY -m pruning stats --model $MODEL --data experiments/testbed/data/flores --split dev --langs $LANGS --expert-outputs \
     --out outputs/testbed128-stats-outputs.safetensors --resume --no-progress
 $PY -m experiments.beyond.study --config-name study128 hydra.run.dir=outputs/hydra/beyond128
-$PY -m experiments.beyond.study --config-name study128 'criteria=[importance]' 'policies=[substitute,merge]' \
-    'plans=[{keep: 192, enc_keep: 144}]' hydra.run.dir=outputs/hydra/beyond128
 $PY -m experiments.beyond.report --results experiments/results/beyond128
 $PY -m experiments.beyond.study --config-name study128 granularity=global results=experiments/results/beyond128/global \
     hypotheses=outputs/beyond128/global-hypotheses 'criteria=[importance]' 'policies=[drop,skip]' hydra.run.dir=outputs/hydra/beyond128-global
