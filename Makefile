@@ -85,7 +85,7 @@ testbed-data: setup ## regenerate the synthetic corpus and its tokenizer (determ
 	$(PY) -m experiments.testbed.corpus --out experiments/testbed/data --seed 0
 	$(PY) -m experiments.testbed.tokenizer --data experiments/testbed/data --out experiments/testbed/data/tokenizer
 
-testbed: setup ## retrain the testbed model (resumable; MINUTES=85 by default, DEVICE=cpu|cuda)
+testbed: setup ## retrain the 128-expert testbed (resumable; MINUTES=85 by default, DEVICE=cpu|cuda; ~2 h on 2 cores for ~90 chrF++)
 	$(PY) -m experiments.testbed.train --max-minutes $(or $(MINUTES),85) --device $(or $(DEVICE),cpu) --eval-every 300 --eval-sentences 30
 
 testbed-stats: setup ## routing statistics of the testbed on dev (teacher forcing, all 90 directions)
