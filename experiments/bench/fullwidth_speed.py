@@ -19,6 +19,7 @@ import torch
 
 from experiments.bench.common import markdown_table, signature, write_results
 from experiments.bench.moe_layer import reference_layer
+from experiments.fullwidth.probe import teacher_batch
 from pruning.model.loading import load_model
 
 
@@ -36,20 +37,6 @@ def stock_layers(model: Any) -> Iterator[None]:
     finally:
         for holder, moe in swapped:
             holder.ffn = moe
-
-
-def batch_of(model: Any, sentences: int, *, src: str, tgt: str) -> dict[str, torch.Tensor]:
-    from pruning.data.flores import FloresDir
-    from pruning.stats.batches import decoder_inputs
-
-    tokenizer = model.tokenizer
-    flores = FloresDir("experiments/testbed/data/flores")
-    tokenizer.src_lang = src
-    batch = tokenizer(flores.read(src, "dev")[:sentences], return_tensors="pt", padding=True)
-    tokenizer.src_lang = tgt
-    labels = [[tokenizer.convert_tokens_to_ids(tgt), *ids[1:]] for ids in tokenizer(flores.read(tgt, "dev")[:sentences])["input_ids"]]
-    decoder_ids, decoder_mask = decoder_inputs(labels, start_id=model.config.decoder_start_token_id, pad_id=model.config.pad_token_id)
-    return {**batch, "decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask}
 
 
 def timed(fn: Any, repeats: int) -> float:
@@ -74,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from pruning.stats.collector import RoutingCollector
 
     model = load_model(args.model, dtype=args.dtype)
-    batch = batch_of(model, args.sentences, src=args.src, tgt=args.tgt)
+    batch = teacher_batch(model, args.sentences, src=args.src, tgt=args.tgt)
     tokens = int(batch["attention_mask"].sum() + batch["decoder_attention_mask"].sum())
     generate_inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     forced = model.tokenizer.convert_tokens_to_ids(args.tgt)

@@ -48,8 +48,8 @@ from pruning.checkpoint import keymap
 from pruning.checkpoint.convert import stream_entries, write_config
 from pruning.checkpoint.layouts import fairseq_cfg, write_fairseq, write_hf_bin
 from pruning.checkpoint.reader import CheckpointReader, Entry, expected_names, expected_shape
-from pruning.checkpoint.writer import atomic_directory
 from pruning.checkpoint.tokenizer import load_tokenizer
+from pruning.checkpoint.writer import atomic_directory
 from pruning.model.loading import parse_dtype
 from pruning.topology import NLLB_MOE_54B, Topology
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 
 def load(model: str, dtype: Optional[str]) -> None:
@@ -19,6 +19,21 @@ def load(model: str, dtype: Optional[str]) -> None:
     print(f"loaded {model}: {held / 1e9:.3f} GB of parameters")
 
 
+def teacher_batch(model: Any, sentences: int, *, src: str, tgt: str) -> dict[str, Any]:
+    """The first ``sentences`` testbed dev sentences of ``src-tgt``, with teacher-forced decoder inputs."""
+    from pruning.data.flores import FloresDir
+    from pruning.stats.batches import decoder_inputs
+
+    tokenizer = model.tokenizer
+    flores = FloresDir("experiments/testbed/data/flores")
+    tokenizer.src_lang = src
+    batch = tokenizer(flores.read(src, "dev")[:sentences], return_tensors="pt", padding=True)
+    tokenizer.src_lang = tgt
+    labels = [[tokenizer.convert_tokens_to_ids(tgt), *ids[1:]] for ids in tokenizer(flores.read(tgt, "dev")[:sentences])["input_ids"]]
+    decoder_ids, decoder_mask = decoder_inputs(labels, start_id=model.config.decoder_start_token_id, pad_id=model.config.pad_token_id)
+    return {**batch, "decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask}
+
+
 def fp16_check(model_path: str, out: str, *, sentences: int = 8, src: str = "qen_Latn", tgt: str = "qbr_Cyrl") -> dict:
     """Load at fp16 (V100-class GPUs have no bf16): routers stay fp32; logits, router outputs and counters finite?"""
     import json
@@ -27,27 +42,22 @@ def fp16_check(model_path: str, out: str, *, sentences: int = 8, src: str = "qen
 
     from pruning import load_model
     from pruning.data.flores import FloresDir
-    from pruning.stats.batches import decoder_inputs
     from pruning.stats.collector import RoutingCollector
     from pruning.translate import DecodingOptions, translate_sentences
 
     model = load_model(model_path, dtype="fp16")
-    tokenizer = model.tokenizer
     flores = FloresDir("experiments/testbed/data/flores")
-    tokenizer.src_lang = src
-    batch = tokenizer(flores.read(src, "dev")[:sentences], return_tensors="pt", padding=True)
-    tokenizer.src_lang = tgt
-    labels = [[tokenizer.convert_tokens_to_ids(tgt), *ids[1:]] for ids in tokenizer(flores.read(tgt, "dev")[:sentences])["input_ids"]]
-    decoder_ids, decoder_mask = decoder_inputs(labels, start_id=model.config.decoder_start_token_id, pad_id=model.config.pad_token_id)
+    batch = teacher_batch(model, sentences, src=src, tgt=tgt)
+    decoder_mask = batch["decoder_attention_mask"]
     collector = RoutingCollector(model, num_experts=model.topology.num_experts)
     routers_fp32 = all(moe.router.weight.dtype == torch.float32 for _, _, moe in model.moe_layers())
     with torch.no_grad():
-        logits = model(**batch, decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask).logits  # [B, L, V] fp16
+        logits = model(**batch).logits  # [B, L, V] fp16
     counters = collector.take()
     collector.close()
     finite_counters = all(bool(torch.isfinite(t).all()) for side in counters.values() for t in side.values())
     real = decoder_mask.bool()
-    used = logits[real][:, : len(tokenizer)].float()
+    used = logits[real][:, : len(model.tokenizer)].float()
     hypotheses = translate_sentences(model, flores.read(src, "devtest")[:4], src=src, tgt=tgt, options=DecodingOptions(beam=4, max_length=16))
     result = {
         "dtype": str(model.model.shared.weight.dtype),

@@ -365,8 +365,8 @@ def optimizer_bytes(small: bool) -> float:
 
 def workload_of(sentences: int, *, translated: int = 8, max_length: int = 24) -> dict[str, int]:
     """The batch shapes the steps ran: padded tokens per side in a statistics batch, source length translated."""
-    from pruning.data.flores import FloresDir
     from pruning.checkpoint.tokenizer import load_tokenizer
+    from pruning.data.flores import FloresDir
 
     tokenizer = load_tokenizer("experiments/testbed/data/tokenizer")
     flores = FloresDir("experiments/testbed/data/flores")
