@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "export", "--model", str(model), "--experts", str(experts), "--langs", ",".join(langs), "--out", str(skipped), "--dtype", "bf16", "--policy", "skip"
     )
 
+    decoding = ["--beam", "2", "--max-length", max_length, "--device", "cpu", "--dtype", "fp32"]  # translate and evaluate alike
     step(4, total, "translate a few sentences with the pruned model")
     src, tgt = evaluated[0]
     sample = out / "sample.src"
@@ -162,14 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         str(sample),
         "--output",
         str(out / "sample.hyp"),
-        "--beam",
-        "2",
-        "--max-length",
-        max_length,
-        "--device",
-        "cpu",
-        "--dtype",
-        "fp32",
+        *decoding,
     )
     for line_in, line_out in zip(sample.read_text().splitlines(), (out / "sample.hyp").read_text().splitlines()):
         print(f"  {src}: {line_in}\n  {tgt}: {line_out}")
@@ -184,14 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs,
         "--max-sentences",
         str(args.sentences),
-        "--beam",
-        "2",
-        "--max-length",
-        max_length,
-        "--device",
-        "cpu",
-        "--dtype",
-        "fp32",
+        *decoding,
         "--spm",
         "none",
     ]
