@@ -7,6 +7,7 @@ python -m experiments.fullwidth.probe fp16 MODEL --out fp16.json    # fp16 forwa
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +17,8 @@ def load(model: str, dtype: Optional[str]) -> None:
 
     loaded = load_model(model, dtype=dtype)
     held = sum(p.numel() * p.element_size() for p in loaded.parameters())
-    print(f"loaded {model}: {held / 1e9:.3f} GB of parameters")
+    print(f"loaded {model}: {held / 1e9:.3f} GB of parameters", flush=True)
+    time.sleep(0.5)  # hold the loaded state for a few periods of the memory sampler (experiments.fullwidth.measure)
 
 
 def teacher_batch(model: Any, sentences: int, *, src: str, tgt: str) -> dict[str, Any]:
