@@ -252,10 +252,11 @@ def generate(cfg: RehearsalConfig, *, progress: bool = True) -> Path:
 
 def disk_bytes(cfg: RehearsalConfig) -> int:
     """Bytes the weights take in ``cfg.dtype`` (routers fp32), plus a fairseq optimizer state."""
+    from pruning.plan import dense_bytes, expert_bytes, router_bytes
+
     topology = cfg.topology()
     itemsize = parse_dtype(cfg.dtype).itemsize  # type: ignore[union-attr]
-    router = topology.num_moe_layers * topology.num_experts * topology.d_model
-    weights = (topology.total_params() - router) * itemsize + router * 4
+    weights = dense_bytes(topology, itemsize) + router_bytes(topology, topology.num_experts) + expert_bytes(topology, topology.num_total_experts, itemsize)
     return weights + (int(cfg.optimizer_gb * 2**30) if cfg.layout == "fairseq" else 0)
 
 

@@ -23,7 +23,7 @@ from pruning.checkpoint import keymap
 from pruning.checkpoint.convert import cast_for_storage, storage_dtype
 from pruning.checkpoint.reader import CheckpointReader, Entry
 from pruning.checkpoint.torch_zip import TensorPlaceholder, TorchZipWriter
-from pruning.checkpoint.writer import DEFAULT_SHARD_BYTES, write_json
+from pruning.checkpoint.writer import DEFAULT_SHARD_BYTES, plan_shards, write_json
 
 LAYOUTS = ("hf", "fairseq")
 """``hf``: safetensors shards (what exports use); ``fairseq``: shared + rank files."""
@@ -115,36 +115,27 @@ def write_hf_bin(
     With ``model_prefix`` names start with ``model.`` and the tied ``lm_head.weight`` is stored beside
     ``model.shared.weight`` (one storage), as ``transformers`` saves ``NllbMoeForConditionalGeneration``.
     """
-    entries = list(reader.entries())
-    shards: list[list[Entry]] = [[]]
-    size = 0
-    for entry in entries:
-        nbytes = _placeholder(entry, dtype).nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-    count = len(shards)
+    entries = {entry.name: entry for entry in reader.entries()}
+    holders = [_placeholder(entry, dtype) for entry in entries.values()]
+    shards = plan_shards(holders, max_shard_bytes)
     weight_map: dict[str, str] = {}
     paths = []
-    with tqdm(total=len(entries), desc="writing pytorch_model.bin", unit="tensor", disable=not progress) as bar:
+    with tqdm(total=len(holders), desc="writing pytorch_model.bin", unit="tensor", disable=not progress) as bar:
         for i, shard in enumerate(shards, start=1):
-            path = directory / f"pytorch_model-{i:05d}-of-{count:05d}.bin"
+            path = directory / f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
             state: dict[str, TensorPlaceholder] = {}
-            for entry in shard:
-                holder = _placeholder(entry, dtype)
-                state[("model." if model_prefix else "") + entry.name] = holder
-                if model_prefix and entry.name == keymap.SHARED:
+            for holder in shard:
+                state[("model." if model_prefix else "") + holder.name] = holder
+                if model_prefix and holder.name == keymap.SHARED:
                     state["lm_head.weight"] = holder
             writer = TorchZipWriter(path, state)
-            for entry in shard:
-                writer.add(_loader(entry, dtype)())
+            for holder in shard:
+                writer.add(_loader(entries[holder.name], dtype)())
                 bar.update()
             writer.close()
             weight_map.update(dict.fromkeys(state, path.name))
             paths.append(path)
-    total = sum(_placeholder(e, dtype).nbytes for e in entries)
+    total = sum(holder.nbytes for holder in holders)
     write_json(directory / "pytorch_model.bin.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     return paths
 

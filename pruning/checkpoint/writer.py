@@ -15,7 +15,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Optional, Sequence
+from typing import Any, BinaryIO, Iterator, Optional, Protocol, Sequence, TypeVar
 
 import torch
 
@@ -99,7 +99,7 @@ class ShardWriter:
             raise CheckpointError(f"tensor(s) {twice[:5]} would be written twice")
         if not specs:
             raise CheckpointError("no tensors were written")
-        self._shards = _plan_shards(list(specs), max_bytes)
+        self._shards = plan_shards(list(specs), max_bytes)
         self._paths = _shard_names(self.directory, len(self._shards))
         self._next = 0  # index into the flat order of specs
         self._order = [(i, spec) for i, shard in enumerate(self._shards) for spec in shard]
@@ -161,9 +161,17 @@ def safetensors_header(specs: Sequence[TensorSpec]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def _plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+Sized = TypeVar("Sized", bound="HasBytes")
+
+
+class HasBytes(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+def plan_shards(specs: Sequence[Sized], max_bytes: int) -> list[list[Sized]]:
     """Consecutive specs, a new shard whenever the next tensor would push the current one past ``max_bytes``."""
-    shards: list[list[TensorSpec]] = [[]]
+    shards: list[list[Sized]] = [[]]
     size = 0
     for spec in specs:
         if shards[-1] and size + spec.nbytes > max_bytes:
